@@ -1,0 +1,132 @@
+"""The `bdlab` command line.
+
+Errors caused by input are printed as one line (`bdlab: error: ...`) with exit status 2 and no
+traceback; everything heavy is imported inside the subcommands so `bdlab --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print the error alone, on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"bdlab: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bdlab", description="Backdoor attack and defense experiments.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    attack = sub.add_parser("attack", help="train a backdoored model and write it to a folder")
+    attack.add_argument("--dataset", required=True, help="registered dataset (see `bdlab list`)")
+    attack.add_argument("--data-root", default=None, help="local folder of the dataset (not needed for digits)")
+    attack.add_argument("--dataset-param", action="append", metavar="KEY=VALUE", help="dataset parameter")
+    attack.add_argument("--model", required=True, help="registered model")
+    attack.add_argument("--attack", required=True, help="registered attack")
+    attack.add_argument("--param", action="append", metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    attack.add_argument("--recipe", action="append", metavar="KEY=VALUE", help="training recipe field, e.g. lr=0.01")
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)")
+    attack.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    attack.add_argument("--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA")
+    attack.add_argument("--clean-reference", action="store_true", help="also train a clean model for comparison")
+    attack.add_argument("--out", required=True, help="output folder")
+    attack.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
+    lst = sub.add_parser("list", help="print every registered dataset, model, attack and defense")
+    lst.add_argument("family", nargs="?", choices=["datasets", "models", "attacks", "defenses"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trials.errors import BdlabError
+
+    try:
+        return COMMANDS[args.command](args)
+    except BdlabError as err:
+        print(f"bdlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bdlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from trials.params import parse_assignments
+    from trials.run import AttackSpec, run_attack, save_attack_result, validate
+
+    spec = AttackSpec(
+        dataset=args.dataset,
+        model=args.model,
+        attack=args.attack,
+        attack_params=parse_assignments(args.param),
+        dataset_params=parse_assignments(args.dataset_param, "--dataset-param"),
+        data_root=args.data_root,
+        seed=args.seed,
+        epochs=args.epochs,
+        recipe=parse_assignments(args.recipe, "--recipe"),
+        device=args.device,
+        amp=False if args.no_amp else None,
+        clean_reference=args.clean_reference,
+    )
+    validate(spec)  # fail on bad input before any data is read
+    _check_out(args.out)
+    result = run_attack(spec, progress=None if args.quiet else print_progress)
+    out = save_attack_result(result, args.out)
+    m = result.metrics
+    print(
+        f"done in {m['seconds']:.1f}s: report half ACC {m['acc']:.4f} ASR {_fmt(m['asr'])} "
+        f"(validation ACC {m['val']['acc']:.4f} ASR {_fmt(m['val']['asr'])}); wrote {out}"
+    )
+    return 0
+
+
+def _check_out(out: str) -> None:
+    from pathlib import Path
+
+    from trials.errors import InvalidValue
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InvalidValue("--out", out, "must be a folder (it exists as a file)")
+    if path.is_dir() and (path / "model.safetensors").exists():
+        raise InvalidValue("--out", out, "already holds a model; choose a new folder (results are never overwritten)")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_progress(record: dict[str, Any]) -> None:
+    parts = [f"[{record.get('phase', 'train')}] epoch {record['epoch']}/{record['epochs']}"]
+    parts.append(f"loss {record['loss']:.4f}")
+    parts.append(f"lr {record['lr']:.4g}")
+    if "val_acc" in record:
+        parts.append(f"val ACC {record['val_acc']:.4f}")
+    if record.get("val_asr") is not None:
+        parts.append(f"ASR {record['val_asr']:.4f}")
+    parts.append(f"({record['seconds']:.1f}s)")
+    print("  ".join(parts), file=sys.stderr, flush=True)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from trials.listing import families, format_family
+
+    for family in families():
+        if args.family in (None, family):
+            print(format_family(family))
+    return 0
+
+
+COMMANDS = {"attack": cmd_attack, "list": cmd_list}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+from __future__ import annotations
+
+from trials.registry import Registry
+
+ATTACKS: Registry = Registry("attack")
+register_attack = ATTACKS.register

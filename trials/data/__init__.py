@@ -1,0 +1,30 @@
+"""Datasets (registry) and the tensor-resident data path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trials.data import cifar, digits, gtsrb, imagefolder  # noqa: F401  (registration)
+from trials.data.base import Dataset, ImageData, SplitParams
+from trials.data.registry import DATASETS, register_dataset
+from trials.params import resolve_params
+
+__all__ = ["DATASETS", "Dataset", "ImageData", "SplitParams", "load_dataset", "register_dataset", "make_dataset"]
+
+
+def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | None = None) -> Dataset:
+    """Resolve a dataset by name; `params` mixes the dataset's own and the shared split parameters."""
+    cls = DATASETS.get(name)
+    params = dict(params or {})
+    split_keys = set(SplitParams.__dataclass_fields__)
+    split = resolve_params(SplitParams, {k: v for k, v in params.items() if k in split_keys}, owner=f"dataset {name}")
+    own = resolve_params(cls.Params, {k: v for k, v in params.items() if k not in split_keys}, owner=f"dataset {name}")
+    return cls(own, split, root)
+
+
+def load_dataset(
+    name: str, params: dict[str, Any] | None = None, root: str | None = None, device: torch.device | str = "cpu"
+) -> ImageData:
+    return make_dataset(name, params, root).load(device)

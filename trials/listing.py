@@ -1,0 +1,48 @@
+"""Text listing of every registered component with its parameters and defaults (`bdlab list`)."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+from trials.params import describe
+
+
+def _registries() -> dict:
+    from trials.attacks import ATTACKS
+    from trials.data import DATASETS, SplitParams
+    from trials.models import MODELS
+
+    regs = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}
+    try:
+        from trials.defenses import DEFENSES
+
+        regs["defenses"] = DEFENSES
+    except ImportError:
+        pass
+    return regs, SplitParams
+
+
+def families() -> list[str]:
+    return ["datasets", "models", "attacks", "defenses"]
+
+
+def format_family(family: str) -> str:
+    regs, split_params = _registries()
+    lines = [f"{family}:"]
+    registry = regs.get(family)
+    if registry is None or not registry.names():
+        lines.append("  (none registered yet)")
+        return "\n".join(lines)
+    for name, obj in registry.items():
+        own = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
+        doc = inspect.cleandoc(own or sys.modules[obj.__module__].__doc__ or "")
+        lines.append(f"  {name}" + (f"  - {doc.splitlines()[0]}" if doc else ""))
+        params_cls = getattr(obj, "Params", None)
+        rows = describe(params_cls) if params_cls is not None else []
+        if family == "datasets":
+            rows = rows + describe(split_params)
+        for row in rows:
+            allowed = f" {row['allowed']}" if row["allowed"] else ""
+            lines.append(f"      {row['name']}: {row['type']} = {row['default']!r}{allowed}  # {row['doc']}")
+    return "\n".join(lines)

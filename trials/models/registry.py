@@ -1,0 +1,6 @@
+from __future__ import annotations
+
+from trials.registry import Registry
+
+MODELS: Registry = Registry("model")
+register_model = MODELS.register

@@ -1,0 +1,189 @@
+"""One attack trial: `run_attack(spec) -> AttackResult`, and writing it to a folder.
+
+The runner knows no attack by name: everything an attack does differently (train a reference
+model, start from another model, train some layers only, transform batches) goes through the
+`Attack` interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from trials import io, provenance
+from trials.attacks import ATTACKS, Attack, AttackContext, PoisonedSet, make_attack
+from trials.data import ImageData, make_dataset
+from trials.device import make_generator, pick_device, seed_everything, use_fast_path
+from trials.metrics import EvalSet, build_eval_set, evaluate, penultimate_shift
+from trials.models import MODELS
+from trials.params import as_dict, resolve_params
+from trials.training import TrainRecipe, Progress, default_recipe, train_classifier
+
+
+@dataclass
+class AttackSpec:
+    """Everything that defines an attacked model (the cache key of the sweep work is built from it)."""
+
+    dataset: str = "digits"
+    model: str = "mini_resnet"
+    attack: str = "badnets"
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    dataset_params: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    seed: int = 0
+    epochs: int | None = None  # None: the dataset's recipe
+    recipe: dict[str, Any] = field(default_factory=dict)  # overrides of TrainRecipe fields
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast + channels_last; None = on for CUDA, never on CPU
+    clean_reference: bool = False  # also train a clean model of the same recipe, for comparison
+
+
+@dataclass
+class AttackResult:
+    model: nn.Module
+    attack: Attack
+    poisoned: PoisonedSet
+    data: ImageData
+    metrics: dict[str, Any]
+    spec: dict[str, Any]  # fully resolved
+    clean_model: nn.Module | None = None
+
+
+def resolve_recipe(spec: AttackSpec) -> TrainRecipe:
+    base = default_recipe(spec.dataset)
+    overrides = dict(spec.recipe)
+    if spec.epochs is not None:
+        overrides["epochs"] = spec.epochs
+    merged = {**as_dict(base), **overrides}
+    return resolve_params(TrainRecipe, merged, owner="recipe")
+
+
+def validate(spec: AttackSpec) -> tuple[Any, TrainRecipe]:
+    """Check every name and parameter before any data is read; returns (attack params, recipe)."""
+    make_dataset(spec.dataset, spec.dataset_params, spec.data_root)
+    MODELS.get(spec.model)
+    attack_cls = ATTACKS.get(spec.attack)
+    attack_params = resolve_params(attack_cls.Params, spec.attack_params, owner=f"attack {spec.attack}")
+    return attack_params, resolve_recipe(spec)
+
+
+def run_attack(spec: AttackSpec, progress: Progress | None = None) -> AttackResult:
+    started = time.perf_counter()
+    attack_params, recipe = validate(spec)
+    device = pick_device(spec.device)
+    fast = use_fast_path(device, spec.amp)
+    seed_everything(spec.seed)
+    generator = make_generator(device, spec.seed)
+
+    dataset = make_dataset(spec.dataset, spec.dataset_params, spec.data_root)
+    data = dataset.load(device)
+    attack = make_attack(spec.attack, as_dict(attack_params), data.num_classes, data.image_shape, spec.seed)
+    ctx = AttackContext(data, spec.model, recipe, generator, fast, progress)
+    attack.setup(ctx)
+    val_set = build_eval_set(data.val_x, data.val_y, attack)
+    report_set = build_eval_set(data.report_x, data.report_y, attack)
+
+    poisoned = attack.poison(data.train_x, data.train_y, ctx)
+    model = attack.initial_model(ctx)
+    if model is None:
+        model = ctx.new_model()
+
+    def on_validation(m: nn.Module) -> dict[str, float]:
+        scores = evaluate(m, val_set, fast)
+        return {"val_acc": scores["acc"], "val_asr": scores["asr"]}
+
+    train_classifier(
+        model,
+        poisoned.images,
+        poisoned.labels,
+        recipe,
+        generator=generator,
+        flip_allowed=data.flip,
+        fast=fast,
+        batch_hook=attack.batch_hook if attack.has_batch_hook else None,
+        parameters=attack.trainable_parameters(model),
+        evaluate=on_validation,
+        progress=progress,
+        tag="attack",
+    )
+    metrics = _metrics(model, report_set, val_set, fast)
+    clean_model = None
+    if spec.clean_reference or ctx.has_clean_model:
+        clean_model = ctx.clean_model()
+        metrics["clean_reference"] = _metrics(clean_model, report_set, val_set, fast)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    resolved = {
+        "kind": "attack",
+        "dataset": {
+            "name": spec.dataset,
+            "root": str(Path(spec.data_root).resolve()) if spec.data_root else None,
+            "params": {**as_dict(dataset.split), **as_dict(dataset.params)},
+            "summary": data.summary(),
+        },
+        "model": spec.model,
+        "attack": {"name": spec.attack, "params": as_dict(attack.params)},
+        "seed": spec.seed,
+        "recipe": as_dict(recipe),
+        "clean_reference": clean_model is not None,
+        "device": provenance.hardware(device),
+        "amp": fast,
+        "poisoned": int(len(poisoned.index)),
+        "versions": provenance.package_versions(),
+        "git": provenance.git_revision(),
+    }
+    return AttackResult(model, attack, poisoned, data, metrics, resolved, clean_model)
+
+
+def _metrics(model: nn.Module, report_set: EvalSet, val_set: EvalSet, fast: bool) -> dict[str, Any]:
+    out: dict[str, Any] = dict(evaluate(model, report_set, fast))
+    out["penultimate_shift"] = penultimate_shift(model, report_set)
+    out["val"] = dict(evaluate(model, val_set, fast))
+    return out
+
+
+def save_attack_result(result: AttackResult, out: str | Path) -> Path:
+    """Write an attacked-model folder: weights, trigger, poison indices, resolved spec, metrics."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in result.model.state_dict().items()}
+    io.save_weights(state, out / "model.safetensors", metadata={"model": result.spec["model"]})
+    trigger_state = result.attack.state()
+    if trigger_state:
+        io.save_weights(trigger_state, out / "trigger.safetensors", metadata={"attack": result.spec["attack"]["name"]})
+    io.save_image(result.attack.render_trigger().cpu(), out / "trigger.png", scale=4)
+    examples = result.data.report_x[result.attack.attacked_mask(result.data.report_y)][:8]
+    if len(examples):
+        stamped = result.attack.apply(examples.float() / 255)
+        io.save_image(torch.cat(list(stamped.cpu()), dim=2), out / "trigger_examples.png", scale=2)
+    heldout_free = _attacker_to_split_index(result.data)
+    io.write_json(
+        {
+            "count": int(len(result.poisoned.index)),
+            "index": result.poisoned.index.tolist(),
+            "train_split_index": heldout_free[result.poisoned.index.cpu()].tolist(),
+            "original_labels": result.poisoned.original_labels.tolist(),
+            "new_labels": result.poisoned.labels[result.poisoned.index].tolist(),
+            "note": "index: position in the attacker's training set; train_split_index: in the dataset's training split",
+        },
+        out / "poison.json",
+    )
+    io.write_yaml(result.spec, out / "spec.yaml")
+    io.write_json(result.metrics, out / "metrics.json")
+    return out
+
+
+def _attacker_to_split_index(data: ImageData) -> torch.Tensor:
+    keep = torch.ones(data.train_split_size, dtype=torch.bool)
+    keep[torch.as_tensor(data.heldout_index, dtype=torch.long)] = False
+    return torch.nonzero(keep).flatten()
+
+
+def spec_from_dict(d: dict[str, Any]) -> AttackSpec:
+    names = {f.name for f in dataclasses.fields(AttackSpec)}
+    return AttackSpec(**{k: v for k, v in d.items() if k in names})
