@@ -16,14 +16,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from trials import io, provenance
+from trials import files, provenance
 from trials.attacks import ATTACKS, Attack, AttackContext, PoisonedSet, make_attack
 from trials.data import ImageData, make_dataset
 from trials.device import make_generator, pick_device, seed_everything, use_fast_path
 from trials.metrics import EvalSet, build_eval_set, evaluate, penultimate_shift
 from trials.models import MODELS
 from trials.params import as_dict, resolve_params
-from trials.training import TrainRecipe, Progress, default_recipe, train_classifier
+from trials.training import Progress, TrainRecipe, default_recipe, train_classifier
 
 
 @dataclass
@@ -152,17 +152,17 @@ def save_attack_result(result: AttackResult, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in result.model.state_dict().items()}
-    io.save_weights(state, out / "model.safetensors", metadata={"model": result.spec["model"]})
+    files.save_weights(state, out / "model.safetensors", metadata={"model": result.spec["model"]})
     trigger_state = result.attack.state()
     if trigger_state:
-        io.save_weights(trigger_state, out / "trigger.safetensors", metadata={"attack": result.spec["attack"]["name"]})
-    io.save_image(result.attack.render_trigger().cpu(), out / "trigger.png", scale=4)
+        files.save_weights(trigger_state, out / "trigger.safetensors", metadata={"attack": result.spec["attack"]["name"]})
+    files.save_image(result.attack.render_trigger().cpu(), out / "trigger.png", scale=4)
     examples = result.data.report_x[result.attack.attacked_mask(result.data.report_y)][:8]
     if len(examples):
         stamped = result.attack.apply(examples.float() / 255)
-        io.save_image(torch.cat(list(stamped.cpu()), dim=2), out / "trigger_examples.png", scale=2)
+        files.save_image(torch.cat(list(stamped.cpu()), dim=2), out / "trigger_examples.png", scale=2)
     heldout_free = _attacker_to_split_index(result.data)
-    io.write_json(
+    files.write_json(
         {
             "count": int(len(result.poisoned.index)),
             "index": result.poisoned.index.tolist(),
@@ -173,8 +173,8 @@ def save_attack_result(result: AttackResult, out: str | Path) -> Path:
         },
         out / "poison.json",
     )
-    io.write_yaml(result.spec, out / "spec.yaml")
-    io.write_json(result.metrics, out / "metrics.json")
+    files.write_yaml(result.spec, out / "spec.yaml")
+    files.write_json(result.metrics, out / "metrics.json")
     return out
 
 
@@ -187,3 +187,70 @@ def _attacker_to_split_index(data: ImageData) -> torch.Tensor:
 def spec_from_dict(d: dict[str, Any]) -> AttackSpec:
     names = {f.name for f in dataclasses.fields(AttackSpec)}
     return AttackSpec(**{k: v for k, v in d.items() if k in names})
+
+
+# --- reading an attacked-model folder back -------------------------------------------------------
+
+ATTACKED_FILES = ("spec.yaml", "model.safetensors")
+
+
+@dataclass
+class AttackedModel:
+    """An attacked-model folder loaded back: its spec, model, attack (with its trigger) and data."""
+
+    folder: Path
+    spec: dict[str, Any]
+    model: nn.Module
+    attack: Attack
+    data: ImageData
+    metrics: dict[str, Any]
+
+
+def load_attacked(folder: str | Path, device: str = "auto", weights: str | Path | None = None) -> AttackedModel:
+    """Load a folder written by `save_attack_result`; `weights` replaces its model file (e.g. a
+    defended model). Weights are read as safetensors only."""
+    import json
+
+    import yaml
+
+    from trials.errors import BdlabError
+    from trials.models import build_model
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BdlabError(f"--attacked: {str(folder)!r} is not a folder; expected one written by `bdlab attack`")
+    missing = [f for f in ATTACKED_FILES if not (folder / f).exists()]
+    if missing:
+        raise BdlabError(f"--attacked: {str(folder)!r} lacks {', '.join(missing)}; expected a folder written by `bdlab attack`")
+    try:
+        spec = yaml.safe_load((folder / "spec.yaml").read_text())
+        ds, attack_spec, model_name = spec["dataset"], spec["attack"], spec["model"]
+    except (yaml.YAMLError, KeyError, TypeError) as err:
+        raise BdlabError(f"--attacked: {str(folder / 'spec.yaml')!r} is not a valid attack spec ({err})") from None
+    state = files.load_weights(weights or folder / "model.safetensors", field="--weights" if weights else "--attacked")
+    dev = pick_device(device)
+    data = make_dataset(ds["name"], ds.get("params"), ds.get("root")).load(dev)
+    model = build_model(model_name, data.num_classes, data.image_shape[-1], data.mean, data.std)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else f"shape of {wrong[:2]}"
+        )
+        raise BdlabError(f"model: the weights do not fit a {model_name} for {ds['name']} ({detail})")
+    model.load_state_dict(state, strict=True)
+    attack = make_attack(attack_spec["name"], attack_spec["params"], data.num_classes, data.image_shape, spec["seed"])
+    if (folder / "trigger.safetensors").exists():
+        attack.load_state(files.load_weights(folder / "trigger.safetensors", field="--attacked trigger"))
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return AttackedModel(folder, spec, model.to(dev).eval(), attack, data, metrics)
+
+
+def evaluate_attacked(loaded: AttackedModel, fast: bool = False) -> dict[str, Any]:
+    """Report-half metrics at top level and validation-half metrics under "val"."""
+    val_set = build_eval_set(loaded.data.val_x, loaded.data.val_y, loaded.attack)
+    report_set = build_eval_set(loaded.data.report_x, loaded.data.report_y, loaded.attack)
+    return _metrics(loaded.model, report_set, val_set, fast)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trials.attacks import badnets, blended, sig  # noqa: F401  (registration)
+from trials.attacks import badnets, blended, label_consistent, sig, trojannn, wanet  # noqa: F401  (registration)
 from trials.attacks.base import Attack, AttackContext, PoisonedSet
 from trials.attacks.registry import ATTACKS, register_attack
 from trials.params import resolve_params

@@ -203,7 +203,7 @@ class Attack(abc.ABC):
         return PoisonedSet(poisoned_images, poisoned_labels, index, labels[index].clone())
 
     # --- training-procedure hooks (defaults: a plain supervised run from scratch) ------------
-    def setup(self, ctx: AttackContext) -> None:
+    def setup(self, ctx: AttackContext) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare before poisoning (train a reference model, optimize a trigger, ...)."""
 
     def initial_model(self, ctx: AttackContext) -> nn.Module | None:
@@ -225,7 +225,7 @@ class Attack(abc.ABC):
         """Tensors that define the trigger beyond params and seed (saved as safetensors)."""
         return {}
 
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
         """Restore what `state` returned."""
 
 

@@ -9,6 +9,7 @@ import torch
 from trials.data import cifar, digits, gtsrb, imagefolder  # noqa: F401  (registration)
 from trials.data.base import Dataset, ImageData, SplitParams
 from trials.data.registry import DATASETS, register_dataset
+from trials.errors import InvalidValue
 from trials.params import resolve_params
 
 __all__ = ["DATASETS", "Dataset", "ImageData", "SplitParams", "load_dataset", "register_dataset", "make_dataset"]
@@ -19,6 +20,10 @@ def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | No
     cls = DATASETS.get(name)
     params = dict(params or {})
     split_keys = set(SplitParams.__dataclass_fields__)
+    known = split_keys | set(cls.Params.__dataclass_fields__)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InvalidValue(f"dataset {name}: param", unknown[0], f"valid parameters are: {', '.join(sorted(known))}")
     split = resolve_params(SplitParams, {k: v for k, v in params.items() if k in split_keys}, owner=f"dataset {name}")
     own = resolve_params(cls.Params, {k: v for k, v in params.items() if k not in split_keys}, owner=f"dataset {name}")
     return cls(own, split, root)

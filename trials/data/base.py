@@ -44,6 +44,8 @@ class SplitParams:
         0.1, "fraction of the training split held out from the attacker, for defenses", low=0.0, high=0.5
     )
     split_seed: int = param(0, "seed of the held-out and validation/report splits (shared by all trials)")
+    train_subset: int = param(0, "use a stratified subset of this many attacker training images (0 = all)", low=0)
+    test_subset: int = param(0, "use a stratified subset of this many test images before halving (0 = all)", low=0)
 
 
 @dataclass
@@ -179,7 +181,12 @@ def prepare(
     rng = np.random.default_rng(split.split_seed)
     heldout = stratified_sample(train_y, int(round(split.heldout_fraction * len(train_y))), rng)
     keep = np.setdiff1d(np.arange(len(train_y)), heldout)
-    val, report = stratified_halves(test_y, rng)
+    if 0 < split.train_subset < len(keep):  # quick checks on a part of a large dataset
+        keep = keep[stratified_sample(train_y[keep], split.train_subset, rng)]
+    test_pool = np.arange(len(test_y))
+    if 0 < split.test_subset < len(test_y):
+        test_pool = stratified_sample(test_y, split.test_subset, rng)
+    val, report = (test_pool[h] for h in stratified_halves(test_y[test_pool], rng))
     if mean is None or std is None:
         pixels = train_x[torch.from_numpy(keep)].float().div_(255)
         mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())

@@ -1,0 +1,39 @@
+"""Real backdoors on the bundled digits with mini_resnet and the CPU recipe (about a minute each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trials.attacks import ATTACKS
+from trials.run import AttackSpec, run_attack
+
+# What each attack reaches with its defaults on digits (README, "Attacks on digits"). All >= 0.8.
+MIN_ASR = {name: 0.8 for name in ATTACKS.names()}
+
+
+@pytest.fixture(scope="module")
+def badnets_with_clean_reference():
+    spec = AttackSpec(dataset="digits", model="mini_resnet", attack="badnets",
+                      attack_params={"size": 3, "target": 0, "ratio": 0.1}, clean_reference=True, device="cpu")
+    return run_attack(spec)
+
+
+def test_clean_model_accuracy(badnets_with_clean_reference):
+    clean = badnets_with_clean_reference.metrics["clean_reference"]
+    assert clean["acc"] >= 0.95
+    assert clean["asr"] <= 0.05  # the trigger alone does not fool a clean model
+
+
+def test_badnets_implants_with_little_accuracy_cost(badnets_with_clean_reference):
+    m = badnets_with_clean_reference.metrics
+    assert m["asr"] >= 0.95 and m["val"]["asr"] >= 0.95
+    assert m["acc"] >= m["clean_reference"]["acc"] - 0.02
+    assert m["asr_x9"] >= 0.95
+
+
+@pytest.mark.parametrize("attack", [a for a in ATTACKS.names() if a != "badnets"])
+def test_every_attack_implants_with_defaults(attack):
+    result = run_attack(AttackSpec(dataset="digits", model="mini_resnet", attack=attack, device="cpu"))
+    m = result.metrics
+    assert m["asr"] >= MIN_ASR[attack], m
+    assert m["acc"] >= 0.9, m

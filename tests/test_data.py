@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trials.data import load_dataset, make_dataset
+from trials.data.base import stratified_halves, stratified_sample
+from trials.errors import BdlabError, InvalidValue
+
+
+def test_digits_shapes_and_sizes(digits):
+    assert digits.image_shape == (3, 32, 32)
+    assert digits.train_x.dtype == torch.uint8
+    # 1,797 images: 360 test (ceil 20 %), 1,437 training of which 10 % (144) held out from the attacker
+    assert digits.train_split_size == 1437
+    assert len(digits.train_y) == 1293 and len(digits.heldout_y) == 144
+    assert len(digits.val_y) == 180 and len(digits.report_y) == 180
+    assert digits.num_classes == 10 and digits.flip is False
+    # the three channels are copies of the grayscale image
+    assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 1])
+
+
+def test_splits_are_fixed_and_disjoint(digits):
+    again = load_dataset("digits")
+    assert torch.equal(again.val_x, digits.val_x) and torch.equal(again.heldout_x, digits.heldout_x)
+    flat = lambda x: {bytes(row) for row in x.flatten(1).numpy()}  # noqa: E731
+    # no held-out image is in the attacker's training set (digits has a few exact duplicates; allow them)
+    overlap = flat(digits.heldout_x) & flat(digits.train_x)
+    assert len(overlap) <= 2
+    assert not (flat(digits.val_x) & flat(digits.report_x)) - (flat(digits.val_x) & flat(digits.train_x))
+
+
+def test_validation_and_report_halves_are_stratified(digits):
+    diff = torch.bincount(digits.val_y, minlength=10) - torch.bincount(digits.report_y, minlength=10)
+    assert diff.abs().max() <= 1
+
+
+def test_stratified_helpers_by_hand():
+    labels = np.array([0] * 6 + [1] * 4)
+    a, b = stratified_halves(labels, np.random.default_rng(0))
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(10))
+    assert (labels[a] == 0).sum() == 3 and (labels[a] == 1).sum() == 2
+    pick = stratified_sample(labels, 5, np.random.default_rng(0))
+    assert len(pick) == 5 and (labels[pick] == 0).sum() == 3 and (labels[pick] == 1).sum() == 2
+
+
+def test_subsets(tiny_digits):
+    assert len(tiny_digits.train_y) == 40
+    assert len(tiny_digits.val_y) + len(tiny_digits.report_y) == 40
+
+
+def _write_tree(root, sizes=(8, 8), classes=("cat", "dog"), per_class=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (*sizes, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(folder / f"{i}.png")
+
+
+def test_imagefolder_reads_a_tree_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("BDLAB_CACHE", str(tmp_path / "cache"))
+    _write_tree(tmp_path / "data")
+    data = load_dataset("imagefolder", {"heldout_fraction": 0.25}, root=str(tmp_path / "data"))
+    assert data.class_names == ["cat", "dog"]
+    assert data.image_shape == (3, 8, 8)
+    assert data.train_split_size == 12 and len(data.heldout_y) == 3
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    again = load_dataset("imagefolder", {"heldout_fraction": 0.25}, root=str(tmp_path / "data"))
+    assert torch.equal(again.train_x, data.train_x)
+    resized = load_dataset("imagefolder", {"size": 16, "cache": False}, root=str(tmp_path / "data"))
+    assert resized.image_shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "gtsrb", "imagefolder"])
+def test_missing_root_is_a_clear_error(name, tmp_path):
+    with pytest.raises(InvalidValue, match="--data-root") as err:
+        load_dataset(name, root=str(tmp_path / "nope"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(InvalidValue, match="--data-root"):
+        load_dataset(name, root=None)
+
+
+def test_empty_root_for_torchvision_sets_says_how_to_download(tmp_path):
+    with pytest.raises(BdlabError, match="download=true"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_unknown_dataset_param_lists_shared_and_own():
+    with pytest.raises(InvalidValue, match="heldout_fraction"):
+        make_dataset("digits", {"bogus": 1})
