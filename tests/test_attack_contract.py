@@ -10,7 +10,7 @@ from trials.models import MODELS
 from trials.run import AttackSpec, run_attack
 from trials.training import TrainRecipe
 
-SMOKE_DATA = {"train_subset": 40, "test_subset": 40}
+SMOKE_DATA = {"train_subset": 20, "test_subset": 20}
 # Smoke runs check that every pair runs, not the attack's strength: shorten the inner optimizations
 # (their full budgets are exercised in test_attack_quality.py).
 SMOKE_PARAMS = {"trojannn": {"steps": 2, "batch": 8}, "label_consistent": {"steps": 2}}
@@ -73,7 +73,7 @@ def test_one_epoch_smoke(attack_name, model_name):
     spec = AttackSpec(
         dataset="digits", model=model_name, attack=attack_name, dataset_params=SMOKE_DATA,
         attack_params=SMOKE_PARAMS.get(attack_name, {}),
-        epochs=1, recipe={"batch_size": 20}, device="cpu",
+        epochs=1, recipe={"batch_size": 10}, device="cpu",
     )
     records = []
     result = run_attack(spec, progress=records.append)

@@ -176,7 +176,7 @@ def test_strongest_channels_reads_the_main_path_conv():
 
 def test_trojan_trigger_is_confined_to_its_mask_and_raises_the_neurons():
     model = tiny_model()
-    attack = make_attack("trojannn", {"steps": 8, "neurons": 4, "size": 5, "batch": 4}, 10, SHAPE, seed=0)
+    attack = make_attack("trojannn", {"steps": 4, "neurons": 4, "size": 5, "batch": 4}, 10, SHAPE, seed=0)
     ctx = stub_ctx(model)
     attack.setup(ctx)
     mask = attack.mask

@@ -15,6 +15,11 @@ that was actually used with this kind of surrogate. (PGD against a clean model y
 perturbations that transfer less well to the victim than those of a robust model, so the larger
 budget also partly compensates; BackdoorBench's numbers can be set through the parameters.)
 
+On digits / mini_resnet this variant implants no backdoor (ASR about 0 for eps 12/255 to 32/255,
+target_ratio 0.5 or 1, patch side 3 or 7): the clean surrogate's perturbations fool it but not
+a freshly trained victim, which still learns the target class from its (very easy) natural
+features and never needs the trigger. Turner's premise needs a robust surrogate.
+
 `patch_amplitude` < 1 stamps the training trigger at reduced amplitude, x + a (p - x) (Turner's
 less visible variant); the test trigger always uses full amplitude.
 """
