@@ -79,18 +79,23 @@ def test_wanet_warp_matches_grid_sample_and_moves_pixels_a_little():
     assert 0 < shift.mean() < 1  # s = 0.5: a fraction of a pixel on average
 
 
-def test_wanet_noise_mode_batch_hook():
+def test_wanet_batch_hook_warps_poisoned_rows_after_augmentation_and_jitters_others():
     attack = make_attack("wanet", {"ratio": 0.1, "cross_ratio": 2.0}, 10, SHAPE, seed=0)
-    assert attack.has_batch_hook
+    assert attack.has_batch_hook and attack.stamps_after_augmentation
     x = torch.rand(50, *SHAPE, generator=torch.Generator().manual_seed(0))
     y = torch.arange(50) % 10
-    out, out_y = attack.batch_hook(x, y, torch.Generator().manual_seed(1))
-    assert torch.equal(out_y, y)  # noise mode keeps the true labels
-    changed = (out - x).flatten(1).abs().amax(1) > 0
-    assert int(changed.sum()) == 10  # cross_ratio * ratio * batch = 0.2 * 50
+    poisoned = torch.zeros(50, dtype=torch.bool)
+    poisoned[:5] = True
+    out, out_y = attack.batch_hook(x, y, poisoned, torch.Generator().manual_seed(1))
+    assert torch.equal(out_y, y)  # labels were set at poisoning time; noise mode keeps them
+    torch.testing.assert_close(out[:5], attack.apply(x[:5]))  # the exact test-time warp
+    changed = (out[5:] - x[5:]).flatten(1).abs().amax(1) > 0
+    assert int(changed.sum()) == 10  # cross_ratio * ratio * batch = 0.2 * 50, all non-poisoned
+    jittered = out[5:][changed]
+    assert not torch.allclose(jittered, attack.apply(x[5:][changed]))  # jittered, not the exact warp
     assert out.min() >= 0 and out.max() <= 1
     off = make_attack("wanet", {"noise": False}, 10, SHAPE, seed=0)
-    same, _ = off.batch_hook(x, y, torch.Generator().manual_seed(1))
+    same, _ = off.batch_hook(x, y, torch.zeros(50, dtype=torch.bool), torch.Generator().manual_seed(1))
     assert torch.equal(same, x)
 
 

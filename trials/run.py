@@ -98,15 +98,18 @@ def run_attack(spec: AttackSpec, progress: Progress | None = None) -> AttackResu
         scores = evaluate(m, val_set, fast)
         return {"val_acc": scores["acc"], "val_asr": scores["asr"]}
 
+    poisoned_mask = torch.zeros(len(poisoned.labels), dtype=torch.bool, device=device)
+    poisoned_mask[poisoned.index] = True
     train_classifier(
         model,
-        poisoned.images,
+        data.train_x if attack.stamps_after_augmentation else poisoned.images,
         poisoned.labels,
         recipe,
         generator=generator,
         flip_allowed=data.flip,
         fast=fast,
         batch_hook=attack.batch_hook if attack.has_batch_hook else None,
+        poisoned_mask=poisoned_mask,
         parameters=attack.trainable_parameters(model),
         evaluate=on_validation,
         progress=progress,

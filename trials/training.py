@@ -22,7 +22,7 @@ from trials.data.pipeline import Augment, batch_indices, to_float
 from trials.device import autocast, prepare_input
 from trials.params import param
 
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -83,6 +83,7 @@ def train_classifier(
     flip_allowed: bool = True,
     fast: bool = False,
     batch_hook: BatchHook | None = None,
+    poisoned_mask: torch.Tensor | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: Progress | None = None,
@@ -104,7 +105,8 @@ def train_classifier(
             x = to_float(augment(images[idx], generator))
             y = labels[idx]
             if batch_hook is not None:
-                x, y = batch_hook(x, y, generator)
+                rows = poisoned_mask[idx] if poisoned_mask is not None else torch.zeros_like(y, dtype=torch.bool)
+                x, y = batch_hook(x, y, rows, generator)
             with autocast(device, fast):
                 loss = F.cross_entropy(model(prepare_input(x, fast)), y)
             optimizer.zero_grad(set_to_none=True)

@@ -214,11 +214,19 @@ class Attack(abc.ABC):
         """Parameters trained during backdoor training; None = all of them."""
         return None
 
-    def batch_hook(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):  # noqa: ANN201
-        """Per training batch, after augmentation (float images). Identity by default."""
+    def batch_hook(self, x: torch.Tensor, y: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator):  # noqa: ANN201
+        """Per training batch, after augmentation (float images); `poisoned` marks the batch rows
+        that are poisoned training images. Attacks that stamp after augmentation do it here."""
+        if self.stamps_after_augmentation and bool(poisoned.any()):
+            x = x.clone()
+            x[poisoned] = self.apply(x[poisoned])
         return x, y
 
     has_batch_hook: ClassVar[bool] = False
+    # True: the training loop sees the clean pixels of the poisoned images (with their new labels)
+    # and `batch_hook` stamps the trigger after augmentation, as WaNet's official code does; the
+    # stored PoisonedSet still holds the stamped images, for the record and for defenses.
+    stamps_after_augmentation: ClassVar[bool] = False
 
     # --- state needed to re-stamp the same trigger later ------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
