@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: for now, a BadNets attack on the bundled digits (the sweep work turns this into the quickstart sweep).
+# The main job: for now, a BadNets attack on the bundled digits, then BCU and CLP on it with their CPU
+# presets (the sweep work turns this into the quickstart sweep).
 demo: $(STAMP)
-	$(BIN)/bdlab attack --dataset digits --model mini_resnet --attack badnets --clean-reference \
-		--out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && \
+	$(BIN)/bdlab attack --dataset digits --model mini_resnet --attack badnets --clean-reference --out $$run/attack && \
+	$(BIN)/bdlab defend --attacked $$run/attack --defense bcu --preset cpu --out $$run/bcu && \
+	$(BIN)/bdlab defend --attacked $$run/attack --defense clp --preset cpu --out $$run/clp
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests

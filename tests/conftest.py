@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing when pytest runs beside other work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: on these 2-core machines, 2 threads beside any other process made small
+# models 10-100x slower (DHBE smoke run: 27 s with 2 threads, 0.2 s with 1, under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +21,14 @@ def tiny_digits():
     from trials.data import load_dataset
 
     return load_dataset("digits", {"train_subset": 40, "test_subset": 40})
+
+
+@pytest.fixture(scope="session")
+def tiny_attacked(tmp_path_factory):
+    """A BadNets mini_resnet on tiny digits, trained one epoch and saved as an attacked-model folder."""
+    from trials.run import AttackSpec, load_attacked, run_attack, save_attack_result
+
+    spec = AttackSpec(attack_params={"ratio": 0.2}, dataset_params={"train_subset": 60, "test_subset": 40},
+                      epochs=1, device="cpu")
+    folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("attacked") / "badnets")
+    return load_attacked(folder, "cpu")

@@ -11,15 +11,10 @@ from trials.params import describe
 def _registries() -> dict:
     from trials.attacks import ATTACKS
     from trials.data import DATASETS, SplitParams
+    from trials.defenses import DEFENSES
     from trials.models import MODELS
 
-    regs = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}
-    try:
-        from trials.defenses import DEFENSES
-
-        regs["defenses"] = DEFENSES
-    except ImportError:
-        pass
+    regs = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}
     return regs, SplitParams
 
 
@@ -42,6 +37,11 @@ def format_family(family: str) -> str:
         rows = describe(params_cls) if params_cls is not None else []
         if family == "datasets":
             rows = rows + describe(split_params)
+        if family == "defenses":
+            from trials.presets import available_presets
+
+            presets = ", ".join(available_presets(name)) or "none"
+            lines.append(f"      (data: {obj.data_kind}; presets: {presets})")
         for row in rows:
             allowed = f" {row['allowed']}" if row["allowed"] else ""
             lines.append(f"      {row['name']}: {row['type']} = {row['default']!r}{allowed}  # {row['doc']}")

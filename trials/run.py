@@ -1,4 +1,5 @@
-"""One attack trial: `run_attack(spec) -> AttackResult`, and writing it to a folder.
+"""One attack trial (`run_attack(spec) -> AttackResult`) and one defense trial (`run_defense(spec,
+attacked) -> DefenseResult`), and writing them to folders.
 
 The runner knows no attack by name: everything an attack does differently (train a reference
 model, start from another model, train some layers only, transform batches) goes through the
@@ -7,6 +8,7 @@ model, start from another model, train some layers only, transform batches) goes
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ import torch.nn as nn
 from trials import files, provenance
 from trials.attacks import ATTACKS, Attack, AttackContext, PoisonedSet, make_attack
 from trials.data import ImageData, make_dataset
-from trials.device import make_generator, pick_device, seed_everything, use_fast_path
+from trials.defenses import DEFENSES, Defense, DefenseContext, DefenseData, make_defense
+from trials.device import make_generator, pick_device, prepare_model, seed_everything, use_fast_path
+from trials.errors import InvalidValue
 from trials.metrics import EvalSet, build_eval_set, evaluate, penultimate_shift
 from trials.models import MODELS
 from trials.params import as_dict, resolve_params
@@ -176,6 +180,9 @@ def save_attack_result(result: AttackResult, out: str | Path) -> Path:
         },
         out / "poison.json",
     )
+    if len(result.poisoned.index):
+        # the poisoned rows as the attacker stored them (defenses that use the poisoned training set)
+        files.save_weights({"images": result.poisoned.images[result.poisoned.index].cpu()}, out / POISONED_FILE)
     files.write_yaml(result.spec, out / "spec.yaml")
     files.write_json(result.metrics, out / "metrics.json")
     return out
@@ -195,6 +202,7 @@ def spec_from_dict(d: dict[str, Any]) -> AttackSpec:
 # --- reading an attacked-model folder back -------------------------------------------------------
 
 ATTACKED_FILES = ("spec.yaml", "model.safetensors")
+POISONED_FILE = "poisoned_images.safetensors"
 
 
 @dataclass
@@ -207,6 +215,27 @@ class AttackedModel:
     attack: Attack
     data: ImageData
     metrics: dict[str, Any]
+
+    def poisoned_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attacker's poisoned training set (images, labels as poisoned), rebuilt from the
+        clean training split, poison.json and the stored poisoned rows."""
+        import json
+
+        from trials.errors import BdlabError
+
+        index_file, rows_file = self.folder / "poison.json", self.folder / POISONED_FILE
+        record = json.loads(index_file.read_text()) if index_file.exists() else None
+        if record is None or (record["count"] and not rows_file.exists()):
+            raise BdlabError(
+                f"--attacked: {str(self.folder)!r} lacks poison.json or {POISONED_FILE} (needed by defenses that use "
+                "the poisoned training set); re-run `bdlab attack` to write them"
+            )
+        images, labels = self.data.train_x.clone(), self.data.train_y.clone()
+        if record["count"]:
+            index = torch.as_tensor(record["index"], dtype=torch.long, device=images.device)
+            images[index] = files.load_weights(rows_file, field="--attacked poisoned images")["images"].to(images.device)
+            labels[index] = torch.as_tensor(record["new_labels"], dtype=labels.dtype, device=labels.device)
+        return images, labels
 
 
 def load_attacked(folder: str | Path, device: str = "auto", weights: str | Path | None = None) -> AttackedModel:
@@ -257,3 +286,134 @@ def evaluate_attacked(loaded: AttackedModel, fast: bool = False) -> dict[str, An
     val_set = build_eval_set(loaded.data.val_x, loaded.data.val_y, loaded.attack)
     report_set = build_eval_set(loaded.data.report_x, loaded.data.report_y, loaded.attack)
     return _metrics(loaded.model, report_set, val_set, fast)
+
+
+# --- one defense trial ---------------------------------------------------------------------------
+
+
+@dataclass
+class DefenseSpec:
+    """A defense run on an attacked-model folder."""
+
+    defense: str
+    params: dict[str, Any] = field(default_factory=dict)  # override the preset, which overrides the defaults
+    preset: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    checkpoint_every_s: float = 600.0
+
+
+@dataclass
+class DefenseResult:
+    model: nn.Module
+    metrics: dict[str, Any]
+    spec: dict[str, Any]  # fully resolved
+
+
+def resolve_defense(spec: DefenseSpec) -> Defense:
+    """The defense with preset and overrides applied; every name and value checked."""
+    from trials.presets import load_preset
+
+    DEFENSES.get(spec.defense)
+    params = {**(load_preset(spec.defense, spec.preset) if spec.preset else {}), **spec.params}
+    return make_defense(spec.defense, params)
+
+
+def defense_data(defense: Defense, attacked: AttackedModel, seed: int) -> DefenseData:
+    """Exactly the data the defense declares: held-out images (unlabeled or labeled, a seeded subset
+    of the requested size) or the poisoned training set; never the test split."""
+    data, kind = attacked.data, defense.data_kind
+    common = {"num_classes": data.num_classes, "image_shape": data.image_shape, "flip": data.flip}
+    if kind == "none":  # no images; the shapes only (a data-free generator needs the image size)
+        return DefenseData(kind, None, None, "none", **common)
+    if kind == "poisoned_train":
+        images, labels = attacked.poisoned_train()
+        return DefenseData(kind, images, labels, "the attacker's poisoned training set", **common)
+    count = defense.data_amount(data.train_split_size)
+    available = len(data.heldout_y)
+    if count is None or count > available:
+        field_name = "data_count" if defense.params.data_count is not None else "data_fraction"
+        raise InvalidValue(
+            f"defense {defense.name}: param '{field_name}'",
+            getattr(defense.params, field_name),
+            f"at most {available} images (the held-out part of the training split; raise the dataset's "
+            f"heldout_fraction at attack time for more)",
+        )
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    pick = pick.to(data.heldout_x.device)
+    labels = data.heldout_y[pick] if kind == "clean_labeled" else None
+    return DefenseData(kind, data.heldout_x[pick], labels, "held-out part of the training split", **common)
+
+
+def run_defense(
+    spec: DefenseSpec,
+    attacked: AttackedModel,
+    progress: Progress | None = None,
+    checkpoint_dir: Path | None = None,
+) -> DefenseResult:
+    started = time.perf_counter()
+    defense = resolve_defense(spec)
+    device = attacked.data.device
+    fast = use_fast_path(device, spec.amp)
+    seed_everything(spec.seed)
+    data = defense_data(defense, attacked, spec.seed)
+    val_set = build_eval_set(attacked.data.val_x, attacked.data.val_y, attacked.attack)
+    report_set = build_eval_set(attacked.data.report_x, attacked.data.report_y, attacked.attack)
+    before = _metrics(attacked.model, report_set, val_set, fast)
+
+    def monitor(m: nn.Module) -> dict[str, float]:
+        scores = evaluate(m, val_set, fast)
+        return {"val_acc": scores["acc"], "val_asr": scores["asr"]}
+
+    ctx = DefenseContext(
+        device=device,
+        seed=spec.seed,
+        generator=make_generator(device, spec.seed),
+        fast=fast,
+        progress=progress,
+        monitor=monitor,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_s=spec.checkpoint_every_s,
+        tag=spec.defense,
+    )
+    model = prepare_model(copy.deepcopy(attacked.model), device, fast)
+    defended = defense.run(model, data, ctx).eval()
+    _check_same_architecture(attacked.model, defended, spec.defense)
+    metrics = _metrics(defended, report_set, val_set, fast)
+    metrics["before"] = before
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    resolved = {
+        "kind": "defense",
+        "defense": {"name": spec.defense, "preset": spec.preset, "params": as_dict(defense.params)},
+        "data": data.describe(),
+        "attacked": {
+            "folder": str(attacked.folder.resolve()),
+            "dataset": attacked.spec["dataset"]["name"],
+            "model": attacked.spec["model"],
+            "attack": attacked.spec["attack"],
+            "seed": attacked.spec["seed"],
+        },
+        "seed": spec.seed,
+        "device": provenance.hardware(device),
+        "amp": fast,
+        "versions": provenance.package_versions(),
+        "git": provenance.git_revision(),
+    }
+    return DefenseResult(defended, metrics, resolved)
+
+
+def _check_same_architecture(before: nn.Module, after: nn.Module, name: str) -> None:
+    a, b = before.state_dict(), after.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise RuntimeError(f"defense {name} returned a model of another architecture")
+
+
+def save_defense_result(result: DefenseResult, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    files.save_weights(state, out / "model.safetensors", metadata={"defense": result.spec["defense"]["name"]})
+    files.write_yaml(result.spec, out / "spec.yaml")
+    files.write_json(result.metrics, out / "metrics.json")
+    return out

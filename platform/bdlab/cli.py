@@ -39,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--out", required=True, help="output folder")
     attack.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
+    defend = sub.add_parser("defend", help="run a defense on an attacked-model folder and write the result")
+    defend.add_argument("--attacked", required=True, help="folder written by `bdlab attack`")
+    defend.add_argument("--defense", required=True, help="registered defense (see `bdlab list defenses`)")
+    defend.add_argument("--preset", default=None, help="named preset of search_spaces/presets/<defense>.yaml, e.g. cpu")
+    defend.add_argument("--param", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    defend.add_argument("--seed", type=int, default=0)
+    defend.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    defend.add_argument("--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA")
+    defend.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
+                        help="checkpoint interval of long defenses; a re-run with the same --out resumes")
+    defend.add_argument("--out", required=True, help="output folder")
+    defend.add_argument("--quiet", action="store_true", help="no per-step progress")
+
     ev = sub.add_parser("evaluate", help="re-evaluate an attacked-model folder (or other weights on it)")
     ev.add_argument("--attacked", required=True, help="folder written by `bdlab attack`")
     ev.add_argument("--weights", default=None, help="safetensors weights to evaluate instead of the folder's model")
@@ -104,6 +117,38 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from trials.params import parse_assignments
+    from trials.run import DefenseSpec, load_attacked, resolve_defense, run_defense, save_defense_result
+
+    spec = DefenseSpec(
+        defense=args.defense,
+        params=parse_assignments(args.param),
+        preset=args.preset,
+        seed=args.seed,
+        device=args.device,
+        amp=False if args.no_amp else None,
+        checkpoint_every_s=args.checkpoint_every,
+    )
+    resolve_defense(spec)  # fail on bad input before any data is read
+    _check_out(args.out)
+    attacked = load_attacked(args.attacked, args.device)
+    checkpoints = Path(args.out) / "checkpoint"
+    result = run_defense(spec, attacked, progress=None if args.quiet else print_progress, checkpoint_dir=checkpoints)
+    out = save_defense_result(result, args.out)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the result replaces the checkpoint
+    m, b = result.metrics, result.metrics["before"]
+    print(
+        f"done in {m['seconds']:.1f}s: report half ACC {b['acc']:.4f} -> {m['acc']:.4f}, "
+        f"ASR {_fmt(b['asr'])} -> {_fmt(m['asr'])} (validation ACC {m['val']['acc']:.4f} ASR {_fmt(m['val']['asr'])}); "
+        f"wrote {out}"
+    )
+    return 0
+
+
 def _check_out(out: str) -> None:
     from pathlib import Path
 
@@ -121,14 +166,20 @@ def _fmt(value: float | None) -> str:
 
 
 def print_progress(record: dict[str, Any]) -> None:
-    parts = [f"[{record.get('phase', 'train')}] epoch {record['epoch']}/{record['epochs']}"]
-    parts.append(f"loss {record['loss']:.4f}")
-    parts.append(f"lr {record['lr']:.4g}")
+    """One line per progress record: training epochs and defense steps alike."""
+    parts = [f"[{record.get('phase', 'train')}]"]
+    if "epochs" in record and "epoch" in record:
+        parts.append(f"epoch {record['epoch']}/{record['epochs']}")
+    shown = {"phase", "epoch", "epochs", "val_acc", "val_asr", "seconds"}
+    for key, value in record.items():
+        if key not in shown:
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     if "val_acc" in record:
         parts.append(f"val ACC {record['val_acc']:.4f}")
     if record.get("val_asr") is not None:
         parts.append(f"ASR {record['val_asr']:.4f}")
-    parts.append(f"({record['seconds']:.1f}s)")
+    if "seconds" in record:
+        parts.append(f"({record['seconds']:.1f}s)")
     print("  ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -162,6 +213,7 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "attack": cmd_attack,
+    "defend": cmd_defend,
     "evaluate": cmd_evaluate,
     "import-checkpoint": cmd_import_checkpoint,
     "list": cmd_list,

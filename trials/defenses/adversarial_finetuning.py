@@ -1,0 +1,83 @@
+"""Adversarial fine-tuning, the step shared by PBE and AFT (Mu et al., CVPR 2023; algorithms.md 5.2).
+
+Per batch: augment on the device (random crop with padding 5 applied with p 0.8, rotation within
++-10 degrees with p 0.5, horizontal flip with p 0.5 where the dataset allows: the code's kornia
+pipeline); if the batch is adversarial, replace it by untargeted PGD examples against the batch
+labels (model in eval mode for the attack; eps 6/255, 7 steps of eps/5, no random start, no
+clamping); then one SGD step on cross-entropy with the model in train mode. The learning rate is
+constant (the code creates a scheduler and never steps it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trials.adversarial import pgd
+from trials.data.pipeline import batch_indices, random_crop, random_flip, random_rotate, to_float
+from trials.defenses.base import DefenseContext
+from trials.device import autocast, prepare_input
+from trials.params import param
+
+
+@dataclass(frozen=True)
+class AdversarialFinetuneParams:
+    eps: float = param(6 / 255, "PGD L-inf radius in pixel units (code: 6/255)", low=0.0)
+    pgd_steps: int = param(7, "PGD iterations", low=1)
+    step_fraction: float = param(0.2, "PGD step size as a fraction of eps (code: eps/5)", low=0.0, low_exclusive=True)
+    lr: float = param(1e-3, "SGD learning rate, constant", low=0.0, low_exclusive=True)
+    momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = param(5e-4, "SGD weight decay", low=0.0)
+    batch_size: int = param(128, "fine-tuning batch size", low=1)
+    crop_pad: int = param(5, "random-crop padding (applied with probability 0.8)", low=0)
+    rotation: float = param(10.0, "random rotation range in degrees (applied with probability 0.5)", low=0.0)
+
+
+def make_optimizer(model: nn.Module, p: AdversarialFinetuneParams) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+
+def augment(x: torch.Tensor, p: AdversarialFinetuneParams, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    cropped = random_crop(x, p.crop_pad, generator)
+    keep = torch.rand(len(x), device=x.device, generator=generator) < 0.8
+    x = torch.where(keep[:, None, None, None], cropped, x)
+    x = random_rotate(x, p.rotation, 0.5, generator)
+    return random_flip(x, generator) if flip else x
+
+
+def finetune_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    p: AdversarialFinetuneParams,
+    ctx: DefenseContext,
+    flip: bool,
+    adversarial: Callable[[int], bool],
+) -> dict[str, float]:
+    """One pass over (images, labels); `adversarial(b)` says whether batch b is attacked with PGD."""
+    total_loss, correct, seen, attacked = 0.0, 0, 0, 0
+    for b, idx in enumerate(
+        batch_indices(len(images), p.batch_size, shuffle=True, drop_last=False, generator=ctx.generator,
+                      device=images.device)
+    ):
+        x = augment(to_float(images[idx]), p, flip, ctx.generator)
+        y = labels[idx]
+        if adversarial(b):
+            x = pgd(model, x, y, p.eps, p.eps * p.step_fraction, p.pgd_steps)
+            attacked += len(idx)
+        model.train()
+        with autocast(ctx.device, ctx.fast):
+            logits = model(prepare_input(x, ctx.fast))
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "adversarial": attacked}
