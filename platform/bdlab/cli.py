@@ -167,9 +167,10 @@ def _fmt(value: float | None) -> str:
 
 def print_progress(record: dict[str, Any]) -> None:
     """One line per progress record: training epochs and defense steps alike."""
-    parts = [f"[{record.get('phase', 'train')}]"]
+    head = f"[{record.get('phase', 'train')}]"
     if "epochs" in record and "epoch" in record:
-        parts.append(f"epoch {record['epoch']}/{record['epochs']}")
+        head += f" epoch {record['epoch']}/{record['epochs']}"
+    parts = [head]
     shown = {"phase", "epoch", "epochs", "val_acc", "val_asr", "seconds"}
     for key, value in record.items():
         if key not in shown:
