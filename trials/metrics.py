@@ -59,17 +59,24 @@ def build_eval_set(x: torch.Tensor, y: torch.Tensor, attack: Attack | None, batc
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, fast: bool = False) -> torch.Tensor:
-    """Predicted labels for uint8 or float images, in eval mode (the caller's mode is restored)."""
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, fast: bool = False) -> torch.Tensor:
+    """Float logits for uint8 or float images, in eval mode (the caller's mode is restored)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
         batch = prepare_input(to_float(x[i : i + batch_size]), fast)
         with autocast(batch.device, fast):
-            out.append(model(batch).argmax(1))
+            out.append(model(batch).float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.cat(out) if out else torch.zeros(0, device=x.device)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, fast: bool = False) -> torch.Tensor:
+    """Predicted labels for uint8 or float images, in eval mode (the caller's mode is restored)."""
+    if not len(x):
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    return logits(model, x, batch_size, fast).argmax(1)
 
 
 def _frac(num: torch.Tensor, den: torch.Tensor | int) -> float:

@@ -60,7 +60,9 @@ def finetune_epoch(
     adversarial: Callable[[int], bool],
 ) -> dict[str, float]:
     """One pass over (images, labels); `adversarial(b)` says whether batch b is attacked with PGD."""
-    total_loss, correct, seen, attacked = 0.0, 0, 0, 0
+    # loss and accuracy are summed on the device: no host sync per batch
+    total_loss, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+    seen, attacked = 0, 0
     for b, idx in enumerate(
         batch_indices(len(images), p.batch_size, shuffle=True, drop_last=False, generator=ctx.generator,
                       device=images.device)
@@ -77,7 +79,7 @@ def finetune_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == y).sum())
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
-    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "adversarial": attacked}
+    return {"loss": float(total_loss) / max(seen, 1), "train_acc": float(correct) / max(seen, 1), "adversarial": attacked}

@@ -119,7 +119,7 @@ class BCU(Defense):
         for epoch in range(p.epochs):
             temperature = 1 + (p.temperature_max - 1) * (epoch + 1) / p.epochs  # T_e rises to T_max
             student.train()
-            total, seen = 0.0, 0
+            total, seen = torch.zeros((), device=images.device), 0
             for idx in batch_indices(len(images), p.batch_size, shuffle=True, drop_last=False,
                                      generator=ctx.generator, device=images.device):
                 x = prepare_input(to_float(augment(images[idx], ctx.generator)), ctx.fast)
@@ -130,9 +130,9 @@ class BCU(Defense):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach()) * len(idx)
+                total += loss.detach() * len(idx)  # summed on the device: no host sync per batch
                 seen += len(idx)
             schedule.step()
-            ctx.report({"epoch": epoch + 1, "epochs": p.epochs, "loss": total / max(seen, 1),
+            ctx.report({"epoch": epoch + 1, "epochs": p.epochs, "loss": float(total) / max(seen, 1),
                         "temperature": round(temperature, 3)}, student)
         return student.eval()

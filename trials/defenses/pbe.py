@@ -26,11 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trials.data.pipeline import to_float
 from trials.defenses.adversarial_finetuning import AdversarialFinetuneParams, finetune_epoch, make_optimizer
 from trials.defenses.base import Defense, DefenseContext, DefenseData
 from trials.defenses.registry import register_defense
-from trials.device import autocast, prepare_input
+from trials.metrics import logits
 from trials.params import param
 
 
@@ -41,16 +40,6 @@ class PBEParams(AdversarialFinetuneParams):
     pool_schedule: list[float] = param([0.2, 0.5, 0.7], "pool fractions selected after steps 0, 1, 2 by similarity")
     epochs_per_step: int = param(10, "fine-tuning epochs per progressive step", low=1)
     later_adversarial_batches: int = param(31, "adversarial batches at the start of steps >= 1 (first epoch)", low=0)
-
-
-@torch.no_grad()
-def all_logits(model: nn.Module, images: torch.Tensor, ctx: DefenseContext, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        with autocast(ctx.device, ctx.fast):
-            out.append(model(prepare_input(to_float(images[start : start + batch_size]), ctx.fast)).float())
-    return torch.cat(out)
 
 
 def similarity_scores(logits_before: torch.Tensor, logits_now: torch.Tensor) -> torch.Tensor:
@@ -73,7 +62,7 @@ class PBE(Defense):
                 raise InvalidValue("defense pbe: param 'pool_schedule'", p.pool_schedule, "fractions in (0, 1]")
         images, labels = data.images, data.labels
         n = len(images)
-        logits_b = all_logits(model, images, ctx)  # f_b on every training image
+        logits_b = logits(model, images, fast=ctx.fast)  # f_b on every training image
         pool_size = max(1, int(round(p.initial_pool * n)))
         pool = torch.randperm(n, device=images.device, generator=ctx.generator)[:pool_size]
         optimizer = make_optimizer(model, p)
@@ -88,7 +77,7 @@ class PBE(Defense):
                 ctx.report({"step": t, "epoch": epoch + 1, "pool": len(pool), **stats},
                            model if epoch == p.epochs_per_step - 1 else None)
             if t < steps - 1:
-                scores = similarity_scores(logits_b, all_logits(model, images, ctx))
+                scores = similarity_scores(logits_b, logits(model, images, fast=ctx.fast))
                 keep = max(1, int(round(p.pool_schedule[t] * n)))
                 pool = scores.argsort(descending=True)[:keep]
         return model.eval()
