@@ -168,3 +168,18 @@ def test_checkpoint_round_trip_keeps_optimizer_state():
     assert loaded["step"] == 7 and loaded["t"] == (1, "a")
     assert set(loaded["opt"]["state"]) == {0, 1}  # int keys survive
     torch.testing.assert_close(loaded["opt"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_defense_streams_are_independent_of_the_attack_with_the_same_seed():
+    # Regression: PBE's random 5 % "clean" pool, drawn with seed 0 like the attack's poison choice,
+    # was exactly the attack's first poisoned images (randperm of the same n with the same seed).
+    from trials.device import derive_seed, make_generator
+
+    n, poisoned, pool = 1293, 129, 65
+    attack_pick = set(torch.randperm(n, generator=make_generator(torch.device("cpu"), 0))[:poisoned].tolist())
+    defense_gen = make_generator(torch.device("cpu"), derive_seed(0, "defense", "pbe"))
+    defense_pick = torch.randperm(n, generator=defense_gen)[:pool].tolist()
+    overlap = sum(i in attack_pick for i in defense_pick)
+    assert overlap <= 20  # chance level is 65 * 10 % = 6.5; the shared stream gave 65
+    assert derive_seed(0, "defense", "pbe") == derive_seed(0, "defense", "pbe")  # stable
+    assert len({derive_seed(0, "defense", "pbe"), derive_seed(1, "defense", "pbe"), derive_seed(0, "defense", "bcu")}) == 3

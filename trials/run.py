@@ -22,7 +22,7 @@ from trials import files, provenance
 from trials.attacks import ATTACKS, Attack, AttackContext, PoisonedSet, make_attack
 from trials.data import ImageData, make_dataset
 from trials.defenses import DEFENSES, Defense, DefenseContext, DefenseData, make_defense
-from trials.device import make_generator, pick_device, prepare_model, seed_everything, use_fast_path
+from trials.device import derive_seed, make_generator, pick_device, prepare_model, seed_everything, use_fast_path
 from trials.errors import InvalidValue
 from trials.metrics import EvalSet, build_eval_set, evaluate, penultimate_shift
 from trials.models import MODELS
@@ -340,7 +340,8 @@ def defense_data(defense: Defense, attacked: AttackedModel, seed: int) -> Defens
             f"at most {available} images (the held-out part of the training split; raise the dataset's "
             f"heldout_fraction at attack time for more)",
         )
-    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    picker = torch.Generator().manual_seed(derive_seed(seed, "defense-data"))
+    pick = torch.randperm(available, generator=picker)[:count].sort().values
     pick = pick.to(data.heldout_x.device)
     labels = data.heldout_y[pick] if kind == "clean_labeled" else None
     return DefenseData(kind, data.heldout_x[pick], labels, "held-out part of the training split", **common)
@@ -356,7 +357,9 @@ def run_defense(
     defense = resolve_defense(spec)
     device = attacked.data.device
     fast = use_fast_path(device, spec.amp)
-    seed_everything(spec.seed)
+    # the defense's streams are derived from (seed, defense): independent of the attack's (same seed)
+    trial_seed = derive_seed(spec.seed, "defense", spec.defense)
+    seed_everything(trial_seed)
     data = defense_data(defense, attacked, spec.seed)
     val_set = build_eval_set(attacked.data.val_x, attacked.data.val_y, attacked.attack)
     report_set = build_eval_set(attacked.data.report_x, attacked.data.report_y, attacked.attack)
@@ -368,8 +371,8 @@ def run_defense(
 
     ctx = DefenseContext(
         device=device,
-        seed=spec.seed,
-        generator=make_generator(device, spec.seed),
+        seed=trial_seed,
+        generator=make_generator(device, trial_seed),
         fast=fast,
         progress=progress,
         monitor=monitor,

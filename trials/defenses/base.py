@@ -83,7 +83,7 @@ class DefenseContext:
     """Device, seeded generators, progress, validation monitoring and checkpoints for one run."""
 
     device: torch.device
-    seed: int
+    seed: int  # the trial's derived seed (trials.device.derive_seed), not the user's
     generator: torch.Generator  # on the device; the defense's only source of randomness there
     fast: bool = False  # bf16 autocast and channels_last (CUDA only)
     progress: Progress | None = None
@@ -95,7 +95,7 @@ class DefenseContext:
 
     def cpu_generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the trial seed (for things drawn on the CPU)."""
-        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+        return torch.Generator().manual_seed((self.seed + 1000 * offset) % 2**63)
 
     def report(self, record: dict[str, Any], model: nn.Module | None = None) -> None:
         """Report one step; with `model`, the runner adds its validation ACC/ASR (model state is kept)."""

@@ -126,7 +126,7 @@ class DHBE(Defense):
 
         # G and Gp, built from the trial seed (their init does not depend on the global RNG's state).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed * 1000 + 7)
+            torch.manual_seed((ctx.seed + 7) % 2**63)
             G = SampleGenerator(p.nz, p.generator_width, channels, image_size)
             Gp = PatchGenerator(p.nz_patch, p.patch_generator_width, channels, p.patch_size, image_size)
         G, Gp = prepare_model(G, dev, fast), prepare_model(Gp, dev, fast)
