@@ -28,7 +28,11 @@ def tiny_attacked(tmp_path_factory):
     """A BadNets mini_resnet on tiny digits, trained one epoch and saved as an attacked-model folder."""
     from trials.run import AttackSpec, load_attacked, run_attack, save_attack_result
 
-    spec = AttackSpec(attack_params={"ratio": 0.2}, dataset_params={"train_subset": 60, "test_subset": 40},
-                      epochs=1, device="cpu")
+    spec = AttackSpec(
+        attack_params={"ratio": 0.2},
+        dataset_params={"train_subset": 60, "test_subset": 40},
+        epochs=1,
+        device="cpu",
+    )
     folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("attacked") / "badnets")
     return load_attacked(folder, "cpu")

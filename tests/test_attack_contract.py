@@ -28,7 +28,9 @@ def _ctx(data):
 
 def test_poison_keeps_indices_and_labels(attack_name, tiny_digits):
     data = tiny_digits
-    attack = make_attack(attack_name, SMOKE_PARAMS.get(attack_name, {}), data.num_classes, data.image_shape, 0)
+    attack = make_attack(
+        attack_name, SMOKE_PARAMS.get(attack_name, {}), data.num_classes, data.image_shape, 0
+    )
     ctx = _ctx(data)
     attack.setup(ctx)
     poisoned = attack.poison(data.train_x, data.train_y, ctx)
@@ -71,9 +73,14 @@ def test_apply_is_pure_bounded_and_restorable(attack_name, tiny_digits):
 @pytest.mark.parametrize("model_name", MODELS.names())
 def test_one_epoch_smoke(attack_name, model_name):
     spec = AttackSpec(
-        dataset="digits", model=model_name, attack=attack_name, dataset_params=SMOKE_DATA,
+        dataset="digits",
+        model=model_name,
+        attack=attack_name,
+        dataset_params=SMOKE_DATA,
         attack_params=SMOKE_PARAMS.get(attack_name, {}),
-        epochs=1, recipe={"batch_size": 10}, device="cpu",
+        epochs=1,
+        recipe={"batch_size": 10},
+        device="cpu",
     )
     records = []
     result = run_attack(spec, progress=records.append)

@@ -14,8 +14,14 @@ MIN_ASR = {"blended": 0.8, "trojannn": 0.8}
 
 @pytest.fixture(scope="module")
 def badnets_with_clean_reference():
-    spec = AttackSpec(dataset="digits", model="mini_resnet", attack="badnets",
-                      attack_params={"size": 3, "target": 0, "ratio": 0.1}, clean_reference=True, device="cpu")
+    spec = AttackSpec(
+        dataset="digits",
+        model="mini_resnet",
+        attack="badnets",
+        attack_params={"size": 3, "target": 0, "ratio": 0.1},
+        clean_reference=True,
+        device="cpu",
+    )
     return run_attack(spec)
 
 
@@ -43,7 +49,9 @@ def test_every_attack_implants_with_defaults(attack):
 def test_wanet_implants_a_visible_warp_stamped_after_augmentation():
     # s = 4 moves pixels by about 2 px, visible at digits' resolution; the warp must be applied after
     # the random crop (stamps_after_augmentation), or the crop shifts it and ASR stays near 0.1.
-    spec = AttackSpec(dataset="digits", model="mini_resnet", attack="wanet", attack_params={"s": 4.0}, device="cpu")
+    spec = AttackSpec(
+        dataset="digits", model="mini_resnet", attack="wanet", attack_params={"s": 4.0}, device="cpu"
+    )
     m = run_attack(spec).metrics
     assert m["asr"] >= 0.7, m
     assert m["acc"] >= 0.9, m

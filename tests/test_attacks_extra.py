@@ -219,16 +219,28 @@ def test_optimize_trigger_outside_mask_is_zero():
     mask[2:6, 10:13] = 1
     stages = [model.stem, model.layer1]
     images = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0))
-    trigger = optimize_trigger(model, stages, torch.tensor([0, 1]), images, mask, steps=3, lr=0.1, target=10.0,
-                               generator=torch.Generator().manual_seed(0))
+    trigger = optimize_trigger(
+        model,
+        stages,
+        torch.tensor([0, 1]),
+        images,
+        mask,
+        steps=3,
+        lr=0.1,
+        target=10.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.all(trigger[:, mask == 0] == 0) and trigger[:, mask == 1].min() > 0
 
 
-@pytest.mark.parametrize("layer, frozen, trained", [
-    ("layer3", ["stem", "layer1", "layer2", "layer3"], ["layer4", "head"]),
-    ("layer4", ["stem", "layer1", "layer2", "layer3", "layer4"], ["head"]),
-    ("stem", ["stem"], ["layer1", "layer2", "layer3", "layer4", "head"]),
-])
+@pytest.mark.parametrize(
+    "layer, frozen, trained",
+    [
+        ("layer3", ["stem", "layer1", "layer2", "layer3"], ["layer4", "head"]),
+        ("layer4", ["stem", "layer1", "layer2", "layer3", "layer4"], ["head"]),
+        ("stem", ["stem"], ["layer1", "layer2", "layer3", "layer4", "head"]),
+    ],
+)
 def test_trojan_trains_only_the_stages_after_its_layer(layer, frozen, trained):
     model = tiny_model()
     attack = make_attack("trojannn", {"layer": layer}, 10, SHAPE, seed=0)

@@ -25,8 +25,21 @@ def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def attacked(tmp_path_factory):
     out = tmp_path_factory.mktemp("attack") / "badnets"
     proc = run(
-        "attack", "--dataset", "digits", "--model", "mini_resnet", "--attack", "badnets", *TINY,
-        "--epochs", "2", "--seed", "3", "--out", str(out), check=True,
+        "attack",
+        "--dataset",
+        "digits",
+        "--model",
+        "mini_resnet",
+        "--attack",
+        "badnets",
+        *TINY,
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        check=True,
     )
     return out, proc
 
@@ -45,7 +58,9 @@ def test_spec_is_fully_resolved(attacked):
     assert params["size"] == 3 and params["ratio"] == 0.1 and params["target"] == 0  # every default
     assert spec["recipe"]["epochs"] == 2 and spec["recipe"]["lr"] > 0
     assert spec["dataset"]["params"]["train_subset"] == 200
-    assert spec["versions"]["torch"] == torch.__version__.split("+")[0] or spec["versions"]["torch"].startswith("2.")
+    assert spec["versions"]["torch"] == torch.__version__.split("+")[0] or spec["versions"][
+        "torch"
+    ].startswith("2.")
     assert "commit" in spec["git"] and spec["device"]["device"] == "cpu"
     assert spec["poisoned"] == 20
 
@@ -65,8 +80,22 @@ def test_metrics_json_keys_and_reproducible_evaluation(attacked):
 
 def test_blended_has_null_patch_metrics(tmp_path):
     out = tmp_path / "blended"
-    run("attack", "--dataset", "digits", "--model", "mini_resnet", "--attack", "blended", *TINY,
-        "--epochs", "1", "--out", str(out), "--quiet", check=True)
+    run(
+        "attack",
+        "--dataset",
+        "digits",
+        "--model",
+        "mini_resnet",
+        "--attack",
+        "blended",
+        *TINY,
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+        check=True,
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["asr_x4"] is None and metrics["asr_x5"] is None and metrics["asr_x9"] is None
 
@@ -95,7 +124,10 @@ BASE = ["attack", "--dataset", "digits", "--model", "mini_resnet", "--attack", "
         (["--param", "ratio"], ["--param", "'ratio'", "key=value"]),
         (["--param", "target=12"], ["'target'", "12", "10 classes"]),
         (["--recipe", "lr=-1"], ["'lr'", "-1"]),
-        (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], ["--data-root", "/nonexistent/cifar", "no such folder"]),
+        (
+            ["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"],
+            ["--data-root", "/nonexistent/cifar", "no such folder"],
+        ),
         (["--dataset", "imagefolder"], ["--data-root", "None", "imagefolder"]),
         (["--device", "tpu"], ["--device", "'tpu'", "auto, cpu"]),
     ],

@@ -28,8 +28,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 @pytest.fixture(scope="module")
 def defended(tiny_attacked, tmp_path_factory):
     out = tmp_path_factory.mktemp("defend") / "clp"
-    proc = run("defend", "--attacked", str(tiny_attacked.folder), "--defense", "clp", "--preset", "cpu",
-               "--param", "u=2.5", "--seed", "4", "--out", str(out))
+    proc = run(
+        "defend",
+        "--attacked",
+        str(tiny_attacked.folder),
+        "--defense",
+        "clp",
+        "--preset",
+        "cpu",
+        "--param",
+        "u=2.5",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -51,8 +64,15 @@ def test_defend_writes_model_spec_and_metrics(defended, tiny_attacked):
 
 def test_defended_model_evaluates_as_recorded(defended, tiny_attacked):
     out, _ = defended
-    proc = run("evaluate", "--attacked", str(tiny_attacked.folder), "--weights", str(out / "model.safetensors"),
-               "--device", "cpu")
+    proc = run(
+        "evaluate",
+        "--attacked",
+        str(tiny_attacked.folder),
+        "--weights",
+        str(out / "model.safetensors"),
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
     recorded = json.loads((out / "metrics.json").read_text())
@@ -76,11 +96,15 @@ def test_bad_input_is_one_line(tiny_attacked, tmp_path, args, needles):
 
 
 def test_missing_or_incomplete_attacked_folder(tmp_path):
-    proc = run("defend", "--attacked", str(tmp_path / "none"), "--defense", "clp", "--out", str(tmp_path / "o"))
+    proc = run(
+        "defend", "--attacked", str(tmp_path / "none"), "--defense", "clp", "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, "--attacked", "not a folder")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "spec.yaml").write_text("kind: attack\n")
-    proc = run("defend", "--attacked", str(tmp_path / "half"), "--defense", "clp", "--out", str(tmp_path / "o"))
+    proc = run(
+        "defend", "--attacked", str(tmp_path / "half"), "--defense", "clp", "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, "model.safetensors")
 
 
@@ -89,7 +113,9 @@ def test_pickled_model_in_attacked_folder_is_refused(tiny_attacked, tmp_path):
 
     folder = tmp_path / "evil"
     shutil.copytree(tiny_attacked.folder, folder)
-    torch.save(tiny_attacked.model.state_dict(), folder / "model.safetensors")  # a pickle under the right name
+    torch.save(
+        tiny_attacked.model.state_dict(), folder / "model.safetensors"
+    )  # a pickle under the right name
     proc = run("defend", "--attacked", str(folder), "--defense", "clp", "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "pickle", "safetensors")
 

@@ -42,7 +42,9 @@ def test_defense_runs_keeps_architecture_and_reports(defense_name, tiny_attacked
     assert after.keys() == original.keys()
     assert all(after[k].shape == original[k].shape for k in after)
     assert any(not torch.equal(after[k], original[k]) for k in after), "the defense changed nothing"
-    assert all(torch.equal(v, original[k]) for k, v in tiny_attacked.model.state_dict().items()), "input model mutated"
+    assert all(torch.equal(v, original[k]) for k, v in tiny_attacked.model.state_dict().items()), (
+        "input model mutated"
+    )
     assert records and all(r["phase"] == defense_name for r in records)
     assert any("val_acc" in r and "val_asr" in r for r in records)  # the runner monitors the validation half
     m = result.metrics
@@ -106,8 +108,13 @@ def test_asking_for_more_data_than_held_out_is_an_error(tiny_attacked):
 def test_context_report_adds_monitoring_and_keeps_mode():
     model = torch.nn.Linear(2, 2).train()
     seen = []
-    ctx = DefenseContext(torch.device("cpu"), 0, torch.Generator(), progress=seen.append,
-                         monitor=lambda m: {"val_acc": 0.5, "mode": m.eval().training})
+    ctx = DefenseContext(
+        torch.device("cpu"),
+        0,
+        torch.Generator(),
+        progress=seen.append,
+        monitor=lambda m: {"val_acc": 0.5, "mode": m.eval().training},
+    )
     ctx.report({"step": 1}, model)
     assert seen == [{"phase": "defense", "step": 1, "val_acc": 0.5, "mode": False}]
     assert model.training

@@ -39,8 +39,17 @@ def test_bcu_cpu_preset_erases_badnets(badnets):
 
 def test_bcu_code_learning_rate_does_not_erase_at_this_scale(badnets):
     # the measurement behind the preset's lr: the run script's ratios and lr 0.01 -> backdoor restored
-    m = _defend(badnets, "bcu", ratio_stem=0.01, ratio_layer1=0.01, ratio_layer2=0.03, ratio_layer3=0.09,
-                ratio_layer4=0.27, ratio_head=0.1, lr=0.01)
+    m = _defend(
+        badnets,
+        "bcu",
+        ratio_stem=0.01,
+        ratio_layer1=0.01,
+        ratio_layer2=0.03,
+        ratio_layer3=0.09,
+        ratio_layer4=0.27,
+        ratio_head=0.1,
+        lr=0.01,
+    )
     assert m["asr"] >= 0.5, m
 
 

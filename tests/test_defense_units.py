@@ -20,7 +20,9 @@ from trials.models import build_model
 
 
 def _ctx(**kw):
-    return DefenseContext(device=torch.device("cpu"), seed=0, generator=torch.Generator().manual_seed(0), **kw)
+    return DefenseContext(
+        device=torch.device("cpu"), seed=0, generator=torch.Generator().manual_seed(0), **kw
+    )
 
 
 class OneConvBn(nn.Module):
@@ -109,7 +111,12 @@ def test_bcu_reinitializes_each_stage_at_its_ratio_and_leaves_bn_alone():
         assert abs(changed / total - p) <= 4 * math.sqrt(p * (1 - p) / total) + 1e-3, (stage, changed / total)
         assert replaced[stage] == pytest.approx(changed / total, abs=2e-3)
     bn_keys = [k for k in after if any(s in k for s in ("running_mean", "running_var", "num_batches"))]
-    bn_keys += [f"{n}.{t}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for t in ("weight", "bias")]
+    bn_keys += [
+        f"{n}.{t}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for t in ("weight", "bias")
+    ]
     assert bn_keys and all(torch.equal(after[k], before[k]) for k in bn_keys)
 
 
@@ -167,7 +174,9 @@ def test_checkpoint_round_trip_keeps_optimizer_state():
         loaded = load_state(folder)
     assert loaded["step"] == 7 and loaded["t"] == (1, "a")
     assert set(loaded["opt"]["state"]) == {0, 1}  # int keys survive
-    torch.testing.assert_close(loaded["opt"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    torch.testing.assert_close(
+        loaded["opt"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
 
 
 def test_defense_streams_are_independent_of_the_attack_with_the_same_seed():
@@ -182,4 +191,13 @@ def test_defense_streams_are_independent_of_the_attack_with_the_same_seed():
     overlap = sum(i in attack_pick for i in defense_pick)
     assert overlap <= 20  # chance level is 65 * 10 % = 6.5; the shared stream gave 65
     assert derive_seed(0, "defense", "pbe") == derive_seed(0, "defense", "pbe")  # stable
-    assert len({derive_seed(0, "defense", "pbe"), derive_seed(1, "defense", "pbe"), derive_seed(0, "defense", "bcu")}) == 3
+    assert (
+        len(
+            {
+                derive_seed(0, "defense", "pbe"),
+                derive_seed(1, "defense", "pbe"),
+                derive_seed(0, "defense", "bcu"),
+            }
+        )
+        == 3
+    )

@@ -13,8 +13,16 @@ from trials.defenses.dhbe import tv2
 from trials.defenses.dhbe_generators import PatchGenerator, SampleGenerator
 from trials.models import build_model
 
-TINY = {"epochs": 2, "iters_per_epoch": 1, "student_steps": 2, "batch_size": 8, "generator_width": 8,
-        "patch_generator_width": 8, "nz": 16, "nz_patch": 16}
+TINY = {
+    "epochs": 2,
+    "iters_per_epoch": 1,
+    "student_steps": 2,
+    "batch_size": 8,
+    "generator_width": 8,
+    "patch_generator_width": 8,
+    "nz": 16,
+    "nz_patch": 16,
+}
 ITERS = TINY["epochs"] * TINY["iters_per_epoch"]
 MEAN, STD = (0.2, 0.4, 0.6), (0.5, 0.25, 0.2)
 
@@ -35,7 +43,9 @@ def _model(image_size: int = 32) -> nn.Module:
 
 
 def _ctx(seed: int = 0, **kw) -> DefenseContext:  # type: ignore[no-untyped-def]
-    return DefenseContext(device=torch.device("cpu"), seed=seed, generator=torch.Generator().manual_seed(seed), **kw)
+    return DefenseContext(
+        device=torch.device("cpu"), seed=seed, generator=torch.Generator().manual_seed(seed), **kw
+    )
 
 
 @pytest.mark.parametrize(("size", "init", "blocks"), [(32, 8, 2), (28, 7, 2), (64, 8, 3)])
@@ -94,7 +104,9 @@ def test_patch_is_added_in_pixel_space(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(type(model), "forward_normalized", spy)
     monkeypatch.setattr(dhbe.PatchGenerator, "random_pad", pad_spy)
-    make_defense("dhbe", {**TINY, "epochs": 1, "iters_per_epoch": 1, "student_steps": 1}).run(model, None, _ctx())
+    make_defense("dhbe", {**TINY, "epochs": 1, "iters_per_epoch": 1, "student_steps": 1}).run(
+        model, None, _ctx()
+    )
     # student step: T(v), S(v), S(x_pat) are the first three calls (teacher and student share the class)
     v, x_pat, pad = seen[0], seen[2], pads[0]
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
@@ -153,7 +165,9 @@ def test_lam_zero_is_dfad_without_patch_generator(monkeypatch: pytest.MonkeyPatc
     assert all(r["L_br"] == 0 and r["loss_Gp"] == 0 for r in records)
     assert int(student.state_dict()["stem.1.num_batches_tracked"]) == ITERS * (TINY["student_steps"] + 1)
     make_defense("dhbe", TINY).run(_model(), None, _ctx())
-    assert calls["n"] == ITERS * (TINY["student_steps"] + 1)  # with lam > 0: one Gp batch per student step and one Gp step
+    assert calls["n"] == ITERS * (
+        TINY["student_steps"] + 1
+    )  # with lam > 0: one Gp batch per student step and one Gp step
 
 
 def test_tiny_run_reports_and_keeps_architecture() -> None:
@@ -165,7 +179,9 @@ def test_tiny_run_reports_and_keeps_architecture() -> None:
     assert type(student) is type(model) and list(student.state_dict()) == names
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(r["val_acc"] == 0.5 and r["L_kd"] > 0 and r["L_br"] > 0 and r["loss_Gp"] < 0 for r in records)
-    assert records[-1]["lr_S"] == pytest.approx(0.1 * 0.1 * 0.1)  # milestones int(0.6*2)=int(0.8*2)=1: decayed twice
+    assert records[-1]["lr_S"] == pytest.approx(
+        0.1 * 0.1 * 0.1
+    )  # milestones int(0.6*2)=int(0.8*2)=1: decayed twice
 
 
 def test_checkpoint_resume_matches_uninterrupted(tmp_path) -> None:  # type: ignore[no-untyped-def]

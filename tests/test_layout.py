@@ -26,5 +26,13 @@ def test_ruff_checks_builtin_shadowing():
 
 
 def test_layout_folders_exist():
-    for folder in ("trials/data", "trials/models", "trials/attacks", "trials/defenses", "search_spaces", "notebooks", "tests"):
+    for folder in (
+        "trials/data",
+        "trials/models",
+        "trials/attacks",
+        "trials/defenses",
+        "search_spaces",
+        "notebooks",
+        "tests",
+    ):
         assert (ROOT / folder).is_dir(), folder

@@ -61,7 +61,9 @@ def test_bn_pairing_is_functional(model):
     for h in handles:
         h.remove()
     for conv, bn in model.conv_bn_pairs():
-        assert seen[("c", id(conv))] is seen[("b", id(bn))] or torch.equal(seen[("c", id(conv))], seen[("b", id(bn))])
+        assert seen[("c", id(conv))] is seen[("b", id(bn))] or torch.equal(
+            seen[("c", id(conv))], seen[("b", id(bn))]
+        )
 
 
 def test_preact_pairs_only_conv1_bn2():

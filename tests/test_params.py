@@ -20,7 +20,11 @@ class P:
 
 
 def test_defaults_and_string_coercion():
-    p = resolve_params(P, {"eps": "8/255", "steps": "3", "mode": "b", "flag": "true", "sizes": "3,4", "count": "5"}, owner="x")
+    p = resolve_params(
+        P,
+        {"eps": "8/255", "steps": "3", "mode": "b", "flag": "true", "sizes": "3,4", "count": "5"},
+        owner="x",
+    )
     assert p == P(eps=8 / 255, steps=3, mode="b", flag=True, sizes=(3, 4), count=5)
     assert resolve_params(P, {}, owner="x") == P()
     assert resolve_params(P, {"count": "none"}, owner="x").count is None

@@ -26,7 +26,15 @@ def test_every_family_is_populated():
     from trials.models import MODELS
 
     assert {"digits", "cifar10", "cifar100", "gtsrb", "imagefolder"} <= set(DATASETS.names())
-    assert {"resnet18", "preact_resnet18", "resnet34", "wrn40_1", "wrn40_2", "vgg16_bn", "mini_resnet"} <= set(MODELS.names())
+    assert {
+        "resnet18",
+        "preact_resnet18",
+        "resnet34",
+        "wrn40_1",
+        "wrn40_2",
+        "vgg16_bn",
+        "mini_resnet",
+    } <= set(MODELS.names())
     assert {"badnets", "blended", "sig", "label_consistent", "trojannn", "wanet"} <= set(ATTACKS.names())
 
 

@@ -23,7 +23,9 @@ def test_badnets_stamps_backdoorbench_pattern_bottom_right():
 
 
 def test_badnets_location_offset_and_size():
-    attack = make_attack("badnets", {"location": "top_left", "offset": 1, "size": 2, "pattern": "white"}, 10, SHAPE, 0)
+    attack = make_attack(
+        "badnets", {"location": "top_left", "offset": 1, "size": 2, "pattern": "white"}, 10, SHAPE, 0
+    )
     out = attack.apply(torch.zeros(1, 3, 8, 8))
     expected = torch.zeros(1, 3, 8, 8)
     expected[:, :, 1:3, 1:3] = 1
@@ -34,7 +36,9 @@ def test_amplified_positions_by_hand():
     # 8x8 image, 2x2 patch: rows/cols 0, (8-2)//2 = 3, 6
     assert amplified_positions("x4", (8, 8), (2, 2)) == [(0, 0), (0, 6), (6, 0), (6, 6)]
     assert amplified_positions("x5", (8, 8), (2, 2)) == [(0, 0), (0, 6), (6, 0), (6, 6), (3, 3)]
-    assert sorted(amplified_positions("x9", (8, 8), (2, 2))) == sorted((r, c) for r in (0, 3, 6) for c in (0, 3, 6))
+    assert sorted(amplified_positions("x9", (8, 8), (2, 2))) == sorted(
+        (r, c) for r in (0, 3, 6) for c in (0, 3, 6)
+    )
     # the DHBE code's centre copy of a 3x3 patch on 32x32 covers rows/cols 14-16
     assert amplified_positions("x5", (32, 32), (3, 3))[-1] == (14, 14)
 
@@ -63,7 +67,9 @@ def test_blended_formula():
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(attack.apply(x), 0.75 * x + 0.25 * attack.key)
     # the key is seeded by key_seed, not by the trial seed: every seed shares one trigger
-    assert torch.equal(make_attack("blended", {}, 10, SHAPE, 5).key, make_attack("blended", {}, 10, SHAPE, 0).key)
+    assert torch.equal(
+        make_attack("blended", {}, 10, SHAPE, 5).key, make_attack("blended", {}, 10, SHAPE, 0).key
+    )
     assert not torch.equal(make_attack("blended", {"key_seed": 1}, 10, SHAPE, 0).key, attack.key)
 
 

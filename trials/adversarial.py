@@ -30,7 +30,9 @@ def pgd(
     x = x.detach()
     x_adv = x.clone()
     if random_start:
-        x_adv = x_adv + (torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype) * 2 - 1) * eps
+        x_adv = (
+            x_adv + (torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype) * 2 - 1) * eps
+        )
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y)

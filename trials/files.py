@@ -56,7 +56,9 @@ def load_weights(path: str | Path, field: str = "model") -> dict[str, torch.Tens
     return load_file(str(path))
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = Path(str(path) + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -68,7 +70,9 @@ def import_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any refusal by the safe loader is reported as such
-        raise UnsafeModelFile(f"checkpoint: {str(path)!r} holds more than plain tensors ({type(err).__name__})") from None
+        raise UnsafeModelFile(
+            f"checkpoint: {str(path)!r} holds more than plain tensors ({type(err).__name__})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -41,7 +41,9 @@ class EvalSet:
     amplified: dict[str, torch.Tensor] = field(default_factory=dict)  # preset -> uint8 triggered x[attacked]
 
 
-def build_eval_set(x: torch.Tensor, y: torch.Tensor, attack: Attack | None, batch_size: int = 1024) -> EvalSet:
+def build_eval_set(
+    x: torch.Tensor, y: torch.Tensor, attack: Attack | None, batch_size: int = 1024
+) -> EvalSet:
     if attack is None:
         empty = x[:0]
         return EvalSet(x, y, torch.zeros_like(y, dtype=torch.bool), empty, y[:0])

@@ -158,7 +158,9 @@ def coerce(value: Any, hint: Any, field: str) -> Any:
         try:
             return _parse_float(str(value))
         except ValueError:
-            raise InvalidValue(field, value, "expected a number (fractions like 6/255 are accepted)") from None
+            raise InvalidValue(
+                field, value, "expected a number (fractions like 6/255 are accepted)"
+            ) from None
     if hint is str:
         return str(value)
     return value

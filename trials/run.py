@@ -22,7 +22,14 @@ from trials import files, provenance
 from trials.attacks import ATTACKS, Attack, AttackContext, PoisonedSet, make_attack
 from trials.data import ImageData, make_dataset
 from trials.defenses import DEFENSES, Defense, DefenseContext, DefenseData, make_defense
-from trials.device import derive_seed, make_generator, pick_device, prepare_model, seed_everything, use_fast_path
+from trials.device import (
+    derive_seed,
+    make_generator,
+    pick_device,
+    prepare_model,
+    seed_everything,
+    use_fast_path,
+)
 from trials.errors import InvalidValue
 from trials.metrics import EvalSet, build_eval_set, evaluate, penultimate_shift
 from trials.models import MODELS
@@ -162,7 +169,9 @@ def save_attack_result(result: AttackResult, out: str | Path) -> Path:
     files.save_weights(state, out / "model.safetensors", metadata={"model": result.spec["model"]})
     trigger_state = result.attack.state()
     if trigger_state:
-        files.save_weights(trigger_state, out / "trigger.safetensors", metadata={"attack": result.spec["attack"]["name"]})
+        files.save_weights(
+            trigger_state, out / "trigger.safetensors", metadata={"attack": result.spec["attack"]["name"]}
+        )
     files.save_image(result.attack.render_trigger().cpu(), out / "trigger.png", scale=4)
     examples = result.data.report_x[result.attack.attacked_mask(result.data.report_y)][:8]
     if len(examples):
@@ -182,7 +191,9 @@ def save_attack_result(result: AttackResult, out: str | Path) -> Path:
     )
     if len(result.poisoned.index):
         # the poisoned rows as the attacker stored them (defenses that use the poisoned training set)
-        files.save_weights({"images": result.poisoned.images[result.poisoned.index].cpu()}, out / POISONED_FILE)
+        files.save_weights(
+            {"images": result.poisoned.images[result.poisoned.index].cpu()}, out / POISONED_FILE
+        )
     files.write_yaml(result.spec, out / "spec.yaml")
     files.write_json(result.metrics, out / "metrics.json")
     return out
@@ -233,12 +244,16 @@ class AttackedModel:
         images, labels = self.data.train_x.clone(), self.data.train_y.clone()
         if record["count"]:
             index = torch.as_tensor(record["index"], dtype=torch.long, device=images.device)
-            images[index] = files.load_weights(rows_file, field="--attacked poisoned images")["images"].to(images.device)
+            images[index] = files.load_weights(rows_file, field="--attacked poisoned images")["images"].to(
+                images.device
+            )
             labels[index] = torch.as_tensor(record["new_labels"], dtype=labels.dtype, device=labels.device)
         return images, labels
 
 
-def load_attacked(folder: str | Path, device: str = "auto", weights: str | Path | None = None) -> AttackedModel:
+def load_attacked(
+    folder: str | Path, device: str = "auto", weights: str | Path | None = None
+) -> AttackedModel:
     """Load a folder written by `save_attack_result`; `weights` replaces its model file (e.g. a
     defended model). Weights are read as safetensors only."""
     import json
@@ -250,16 +265,24 @@ def load_attacked(folder: str | Path, device: str = "auto", weights: str | Path 
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise BdlabError(f"--attacked: {str(folder)!r} is not a folder; expected one written by `bdlab attack`")
+        raise BdlabError(
+            f"--attacked: {str(folder)!r} is not a folder; expected one written by `bdlab attack`"
+        )
     missing = [f for f in ATTACKED_FILES if not (folder / f).exists()]
     if missing:
-        raise BdlabError(f"--attacked: {str(folder)!r} lacks {', '.join(missing)}; expected a folder written by `bdlab attack`")
+        raise BdlabError(
+            f"--attacked: {str(folder)!r} lacks {', '.join(missing)}; expected a folder written by `bdlab attack`"
+        )
     try:
         spec = yaml.safe_load((folder / "spec.yaml").read_text())
         ds, attack_spec, model_name = spec["dataset"], spec["attack"], spec["model"]
     except (yaml.YAMLError, KeyError, TypeError) as err:
-        raise BdlabError(f"--attacked: {str(folder / 'spec.yaml')!r} is not a valid attack spec ({err})") from None
-    state = files.load_weights(weights or folder / "model.safetensors", field="--weights" if weights else "--attacked")
+        raise BdlabError(
+            f"--attacked: {str(folder / 'spec.yaml')!r} is not a valid attack spec ({err})"
+        ) from None
+    state = files.load_weights(
+        weights or folder / "model.safetensors", field="--weights" if weights else "--attacked"
+    )
     dev = pick_device(device)
     data = make_dataset(ds["name"], ds.get("params"), ds.get("root")).load(dev)
     model = build_model(model_name, data.num_classes, data.image_shape[-1], data.mean, data.std)
@@ -269,11 +292,17 @@ def load_attacked(folder: str | Path, device: str = "auto", weights: str | Path 
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         detail = (
-            f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else f"shape of {wrong[:2]}"
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+            if unexpected
+            else f"shape of {wrong[:2]}"
         )
         raise BdlabError(f"model: the weights do not fit a {model_name} for {ds['name']} ({detail})")
     model.load_state_dict(state, strict=True)
-    attack = make_attack(attack_spec["name"], attack_spec["params"], data.num_classes, data.image_shape, spec["seed"])
+    attack = make_attack(
+        attack_spec["name"], attack_spec["params"], data.num_classes, data.image_shape, spec["seed"]
+    )
     if (folder / "trigger.safetensors").exists():
         attack.load_state(files.load_weights(folder / "trigger.safetensors", field="--attacked trigger"))
     metrics_path = folder / "metrics.json"

@@ -22,7 +22,9 @@ from trials.data.pipeline import Augment, batch_indices, to_float
 from trials.device import autocast, prepare_input
 from trials.params import param
 
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchHook = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -36,7 +38,9 @@ class TrainRecipe:
     momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay", low=0.0)
     schedule: Literal["multistep", "cosine", "constant"] = param("multistep", "learning-rate schedule")
-    milestones: tuple[float, ...] = param((0.5, 0.75), "multistep decay points as fractions of the epochs (100/150 of 200)")
+    milestones: tuple[float, ...] = param(
+        (0.5, 0.75), "multistep decay points as fractions of the epochs (100/150 of 200)"
+    )
     gamma: float = param(0.1, "multistep decay factor", low=0.0, high=1.0)
     crop_pad: int = param(4, "random-crop padding in pixels (0 = no crop)", low=0)
     flip: bool = param(True, "random horizontal flip (also needs the dataset to allow it)")
@@ -92,7 +96,9 @@ def train_classifier(
     """Train `model` in place on uint8 `images` with cross-entropy; returns it in eval mode."""
     device = images.device
     augment = Augment(pad=recipe.crop_pad, flip=recipe.flip and flip_allowed)
-    trainable = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    trainable = (
+        list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    )
     optimizer = make_optimizer(trainable, recipe)
     for epoch in range(recipe.epochs):
         for group in optimizer.param_groups:
@@ -100,12 +106,19 @@ def train_classifier(
         model.train()
         start, total_loss, seen = time.perf_counter(), torch.zeros((), device=device), 0
         for idx in batch_indices(
-            len(labels), recipe.batch_size, shuffle=True, drop_last=recipe.drop_last, generator=generator, device=device
+            len(labels),
+            recipe.batch_size,
+            shuffle=True,
+            drop_last=recipe.drop_last,
+            generator=generator,
+            device=device,
         ):
             x = to_float(augment(images[idx], generator))
             y = labels[idx]
             if batch_hook is not None:
-                rows = poisoned_mask[idx] if poisoned_mask is not None else torch.zeros_like(y, dtype=torch.bool)
+                rows = (
+                    poisoned_mask[idx] if poisoned_mask is not None else torch.zeros_like(y, dtype=torch.bool)
+                )
                 x, y = batch_hook(x, y, rows, generator)
             with autocast(device, fast):
                 loss = F.cross_entropy(model(prepare_input(x, fast)), y)

@@ -25,43 +25,70 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = sub.add_parser("attack", help="train a backdoored model and write it to a folder")
     attack.add_argument("--dataset", required=True, help="registered dataset (see `bdlab list`)")
-    attack.add_argument("--data-root", default=None, help="local folder of the dataset (not needed for digits)")
+    attack.add_argument(
+        "--data-root", default=None, help="local folder of the dataset (not needed for digits)"
+    )
     attack.add_argument("--dataset-param", action="append", metavar="KEY=VALUE", help="dataset parameter")
     attack.add_argument("--model", required=True, help="registered model")
     attack.add_argument("--attack", required=True, help="registered attack")
     attack.add_argument("--param", action="append", metavar="KEY=VALUE", help="attack parameter (repeatable)")
-    attack.add_argument("--recipe", action="append", metavar="KEY=VALUE", help="training recipe field, e.g. lr=0.01")
+    attack.add_argument(
+        "--recipe", action="append", metavar="KEY=VALUE", help="training recipe field, e.g. lr=0.01"
+    )
     attack.add_argument("--seed", type=int, default=0)
-    attack.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)")
+    attack.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)"
+    )
     attack.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    attack.add_argument("--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA")
-    attack.add_argument("--clean-reference", action="store_true", help="also train a clean model for comparison")
+    attack.add_argument(
+        "--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA"
+    )
+    attack.add_argument(
+        "--clean-reference", action="store_true", help="also train a clean model for comparison"
+    )
     attack.add_argument("--out", required=True, help="output folder")
     attack.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
     defend = sub.add_parser("defend", help="run a defense on an attacked-model folder and write the result")
     defend.add_argument("--attacked", required=True, help="folder written by `bdlab attack`")
     defend.add_argument("--defense", required=True, help="registered defense (see `bdlab list defenses`)")
-    defend.add_argument("--preset", default=None, help="named preset of search_spaces/presets/<defense>.yaml, e.g. cpu")
-    defend.add_argument("--param", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    defend.add_argument(
+        "--preset", default=None, help="named preset of search_spaces/presets/<defense>.yaml, e.g. cpu"
+    )
+    defend.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)"
+    )
     defend.add_argument("--seed", type=int, default=0)
     defend.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    defend.add_argument("--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA")
-    defend.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
-                        help="checkpoint interval of long defenses; a re-run with the same --out resumes")
+    defend.add_argument(
+        "--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA"
+    )
+    defend.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="checkpoint interval of long defenses; a re-run with the same --out resumes",
+    )
     defend.add_argument("--out", required=True, help="output folder")
     defend.add_argument("--quiet", action="store_true", help="no per-step progress")
 
     ev = sub.add_parser("evaluate", help="re-evaluate an attacked-model folder (or other weights on it)")
     ev.add_argument("--attacked", required=True, help="folder written by `bdlab attack`")
-    ev.add_argument("--weights", default=None, help="safetensors weights to evaluate instead of the folder's model")
+    ev.add_argument(
+        "--weights", default=None, help="safetensors weights to evaluate instead of the folder's model"
+    )
     ev.add_argument("--device", default="auto")
 
-    imp = sub.add_parser("import-checkpoint", help="convert a foreign PyTorch checkpoint to safetensors, safely")
+    imp = sub.add_parser(
+        "import-checkpoint", help="convert a foreign PyTorch checkpoint to safetensors, safely"
+    )
     imp.add_argument("checkpoint", help="a torch.save file of plain tensors (read with weights_only=True)")
     imp.add_argument("out", help="the .safetensors file to write")
 
-    sub.add_parser("bench", help="data-path benchmark: tensor-resident pipeline vs a DataLoader (bdlab bench --help)")
+    sub.add_parser(
+        "bench", help="data-path benchmark: tensor-resident pipeline vs a DataLoader (bdlab bench --help)"
+    )
 
     lst = sub.add_parser("list", help="print every registered dataset, model, attack and defense")
     lst.add_argument("family", nargs="?", choices=["datasets", "models", "attacks", "defenses"])
@@ -137,7 +164,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
     _check_out(args.out)
     attacked = load_attacked(args.attacked, args.device)
     checkpoints = Path(args.out) / "checkpoint"
-    result = run_defense(spec, attacked, progress=None if args.quiet else print_progress, checkpoint_dir=checkpoints)
+    result = run_defense(
+        spec, attacked, progress=None if args.quiet else print_progress, checkpoint_dir=checkpoints
+    )
     out = save_defense_result(result, args.out)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the result replaces the checkpoint
     m, b = result.metrics, result.metrics["before"]
@@ -158,7 +187,9 @@ def _check_out(out: str) -> None:
     if path.exists() and not path.is_dir():
         raise InvalidValue("--out", out, "must be a folder (it exists as a file)")
     if path.is_dir() and (path / "model.safetensors").exists():
-        raise InvalidValue("--out", out, "already holds a model; choose a new folder (results are never overwritten)")
+        raise InvalidValue(
+            "--out", out, "already holds a model; choose a new folder (results are never overwritten)"
+        )
 
 
 def _fmt(value: float | None) -> str:

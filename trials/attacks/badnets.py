@@ -28,7 +28,9 @@ class BadNetsParams(DirtyLabelParams):
         "bottom_right", "corner the patch is pasted in"
     )
     offset: int = param(0, "distance of the patch from the image border, in pixels", low=0)
-    key_seed: int = param(0, "seed of the random pattern (fixed, so every seed of a sweep shares one trigger)")
+    key_seed: int = param(
+        0, "seed of the random pattern (fixed, so every seed of a sweep shares one trigger)"
+    )
 
 
 @register_attack("badnets")
@@ -50,7 +52,9 @@ class BadNets(Attack):
         return paste(x, self.patch, [self.position])
 
     def apply_amplified(self, x: torch.Tensor, preset: str) -> torch.Tensor:
-        return paste(x, self.patch, amplified_positions(preset, self.image_shape[1:], tuple(self.patch.shape[1:])))
+        return paste(
+            x, self.patch, amplified_positions(preset, self.image_shape[1:], tuple(self.patch.shape[1:]))
+        )
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"patch": self.patch}

@@ -43,7 +43,9 @@ class TargetParams:
 class DirtyLabelParams(TargetParams):
     """Poisoning budget of dirty-label attacks, relative to the attacker's training set."""
 
-    ratio: float = param(0.1, "fraction of the training set poisoned (BackdoorBench pratio)", low=0.0, high=1.0)
+    ratio: float = param(
+        0.1, "fraction of the training set poisoned (BackdoorBench pratio)", low=0.0, high=1.0
+    )
     count: int | None = param(None, "exact number of poisoned images; overrides ratio (DHBE: 300)", low=1)
     from_target_class: bool = param(
         True, "poisons may include target-class images (BackdoorBench); false: non-target only (DHBE)"
@@ -54,7 +56,9 @@ class DirtyLabelParams(TargetParams):
 class CleanLabelParams(TargetParams):
     """Poisoning budget of clean-label attacks, relative to the target class (not the whole set)."""
 
-    target_ratio: float = param(0.8, "fraction of the target class's training images poisoned", low=0.0, high=1.0)
+    target_ratio: float = param(
+        0.8, "fraction of the target class's training images poisoned", low=0.0, high=1.0
+    )
 
 
 @dataclass
@@ -141,9 +145,13 @@ class Attack(abc.ABC):
         self.image_shape = image_shape
         self.seed = seed
         if params.target >= num_classes:
-            raise InvalidValue(f"attack {self.name}: param 'target'", params.target, f"must be < {num_classes} classes")
+            raise InvalidValue(
+                f"attack {self.name}: param 'target'", params.target, f"must be < {num_classes} classes"
+            )
         if self.clean_label and params.all_to_all:
-            raise InvalidValue(f"attack {self.name}: param 'all_to_all'", True, "a clean-label attack is all-to-one")
+            raise InvalidValue(
+                f"attack {self.name}: param 'all_to_all'", True, "a clean-label attack is all-to-one"
+            )
 
     # --- the trigger ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -180,7 +188,9 @@ class Attack(abc.ABC):
             candidates = candidates[labels != p.target]
         count = p.count if p.count is not None else int(round(p.ratio * len(labels)))
         if count > len(candidates):
-            raise InvalidValue(f"attack {self.name}: param 'count'", count, f"at most {len(candidates)} candidates")
+            raise InvalidValue(
+                f"attack {self.name}: param 'count'", count, f"at most {len(candidates)} candidates"
+            )
         perm = torch.randperm(len(candidates), device=labels.device, generator=generator)
         return candidates[perm[:count]].sort().values
 
@@ -214,7 +224,9 @@ class Attack(abc.ABC):
         """Parameters trained during backdoor training; None = all of them."""
         return None
 
-    def batch_hook(self, x: torch.Tensor, y: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator):  # noqa: ANN201
+    def batch_hook(
+        self, x: torch.Tensor, y: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator
+    ):  # noqa: ANN201
         """Per training batch, after augmentation (float images); `poisoned` marks the batch rows
         that are poisoned training images. Attacks that stamp after augmentation do it here."""
         if self.stamps_after_augmentation and bool(poisoned.any()):
@@ -237,7 +249,9 @@ class Attack(abc.ABC):
         """Restore what `state` returned."""
 
 
-def select_target_class(labels: torch.Tensor, target: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+def select_target_class(
+    labels: torch.Tensor, target: int, ratio: float, generator: torch.Generator
+) -> torch.Tensor:
     """A seeded `ratio` of the target class's training images (for clean-label attacks)."""
     candidates = torch.nonzero(labels == target).flatten()
     count = int(round(ratio * len(candidates)))

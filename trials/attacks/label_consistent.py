@@ -44,9 +44,14 @@ from trials.params import param
 @dataclass(frozen=True)
 class LabelConsistentParams(CleanLabelParams):
     target_ratio: float = param(
-        0.5, "fraction of the target class's training images poisoned (BackdoorBench: 50 %)", low=0.0, high=1.0
+        0.5,
+        "fraction of the target class's training images poisoned (BackdoorBench: 50 %)",
+        low=0.0,
+        high=1.0,
     )
-    eps: float = param(12 / 255, "L-inf PGD radius in [0, 1] pixel units (CLP CLA 12/255; BackdoorBench 8/255)", low=0.0)
+    eps: float = param(
+        12 / 255, "L-inf PGD radius in [0, 1] pixel units (CLP CLA 12/255; BackdoorBench 8/255)", low=0.0
+    )
     step: float = param(2 / 255, "PGD step size (CLP CLA 2/255; BackdoorBench 1.5/255)", low=0.0)
     steps: int = param(7, "PGD iterations (CLP CLA 7; BackdoorBench 100)", low=0)
     random_start: bool = param(True, "start PGD from a uniform point of the eps-ball (Madry PGD)")
@@ -55,7 +60,10 @@ class LabelConsistentParams(CleanLabelParams):
         "four_corners", "four_corners: Turner's flip-robust layout; bottom_right: DHBE's single stamp"
     )
     patch_amplitude: float = param(
-        1.0, "amplitude of the training stamp, x + a (p - x); the test stamp is always full", low=0.0, high=1.0
+        1.0,
+        "amplitude of the training stamp, x + a (p - x); the test stamp is always full",
+        low=0.0,
+        high=1.0,
     )
 
 

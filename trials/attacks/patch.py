@@ -36,7 +36,9 @@ def make_pattern(name: str, size: int) -> torch.Tensor:
     return grown.expand(3, size, size).clone()
 
 
-def corner_position(corner: str, image_hw: tuple[int, int], patch_hw: tuple[int, int], offset: int = 0) -> Position:
+def corner_position(
+    corner: str, image_hw: tuple[int, int], patch_hw: tuple[int, int], offset: int = 0
+) -> Position:
     h, w = image_hw
     ph, pw = patch_hw
     top = offset if corner.startswith("top") else h - ph - offset

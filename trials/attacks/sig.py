@@ -22,7 +22,9 @@ from trials.params import param
 class SigParams(CleanLabelParams):
     delta: float = param(20.0, "amplitude on the 0-255 scale (training)", low=0.0, high=255.0)
     frequency: float = param(6.0, "cycles across the image width", low=0.0, low_exclusive=True)
-    test_delta: float | None = param(None, "amplitude at test time; None = delta (PBE used 10, BackdoorBench 40)", low=0.0)
+    test_delta: float | None = param(
+        None, "amplitude at test time; None = delta (PBE used 10, BackdoorBench 40)", low=0.0
+    )
 
 
 @register_attack("sig")
@@ -54,4 +56,3 @@ class Sig(Attack):
     def render_trigger(self) -> torch.Tensor:
         c, h, w = self.image_shape
         return (0.5 + self._signal(self.params.delta, "cpu", torch.float32)).expand(1, c, h, w)[0].clone()
-

@@ -52,9 +52,15 @@ class TrojanParams(DirtyLabelParams):
     neurons: int = param(10, "number of channels of that stage the trigger maximizes (DHBE: 10)", low=1)
     size: int = param(5, "side of the square trigger mask, at the bottom-right corner", low=1, high=64)
     steps: int = param(100, "Adam steps of the trigger optimization (TrojanZoo: 1000)", low=0)
-    lr: float = param(0.1, "Adam learning rate of the trigger optimization (TrojanZoo: 0.1)", low=0.0, low_exclusive=True)
-    target_activation: float = param(100.0, "target spatial-mean activation of the chosen channels (TrojanZoo: 100)")
-    batch: int = param(64, "training images the trigger is optimized on (stamped), drawn with the trial seed", low=1)
+    lr: float = param(
+        0.1, "Adam learning rate of the trigger optimization (TrojanZoo: 0.1)", low=0.0, low_exclusive=True
+    )
+    target_activation: float = param(
+        100.0, "target spatial-mean activation of the chosen channels (TrojanZoo: 100)"
+    )
+    batch: int = param(
+        64, "training images the trigger is optimized on (stamped), drawn with the trial seed", low=1
+    )
 
 
 @register_attack("trojannn")
@@ -96,7 +102,9 @@ class TrojanNN(Attack):
         stages = _stages_up_to(model, self.params.layer)
         self.neuron_index = strongest_channels(stages[-1], self.params.neurons).cpu()
         data = ctx.data
-        pick = torch.randperm(len(data.train_y), device=data.device, generator=ctx.generator)[: self.params.batch]
+        pick = torch.randperm(len(data.train_y), device=data.device, generator=ctx.generator)[
+            : self.params.batch
+        ]
         images = data.train_x[pick].float() / 255
         self.trigger = optimize_trigger(
             model,
@@ -133,7 +141,9 @@ class TrojanNN(Attack):
 def _stages_up_to(model: nn.Module, layer: str) -> list[nn.Module]:
     names = list(getattr(model, "stage_names", ()))
     if layer not in names:
-        raise InvalidValue("attack trojannn: param 'layer'", layer, f"allowed for this model: {', '.join(names)}")
+        raise InvalidValue(
+            "attack trojannn: param 'layer'", layer, f"allowed for this model: {', '.join(names)}"
+        )
     return [getattr(model, n) for n in names[: names.index(layer) + 1]]
 
 
@@ -146,7 +156,9 @@ def strongest_channels(stage: nn.Module, count: int) -> torch.Tensor:
         if isinstance(m, nn.Conv2d) and "shortcut" not in name and "downsample" not in name
     ]
     if not convs:
-        raise InvalidValue("attack trojannn: param 'layer'", type(stage).__name__, "a stage that contains a conv")
+        raise InvalidValue(
+            "attack trojannn: param 'layer'", type(stage).__name__, "a stage that contains a conv"
+        )
     weight = convs[-1].weight.detach()
     if count > weight.shape[0]:
         raise InvalidValue("attack trojannn: param 'neurons'", count, f"at most {weight.shape[0]} channels")

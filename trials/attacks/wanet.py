@@ -38,7 +38,9 @@ from trials.params import param
 class WaNetParams(DirtyLabelParams):
     k: int = param(4, "side of the random control grid (official: 4)", low=2, high=64)
     s: float = param(0.5, "warping strength (official: 0.5)", low=0.0)
-    grid_rescale: float = param(1.0, "scale of the warped grid before clamping (official: 1)", low=0.0, low_exclusive=True)
+    grid_rescale: float = param(
+        1.0, "scale of the warped grid before clamping (official: 1)", low=0.0, low_exclusive=True
+    )
     noise: bool = param(True, "noise mode: also train on randomly jittered warps that keep their label")
     cross_ratio: float = param(2.0, "noise-mode images per poisoned image in a batch (official: 2)", low=0.0)
 
@@ -73,7 +75,9 @@ class WaNet(Attack):
     has_batch_hook = True
     stamps_after_augmentation = True
 
-    def batch_hook(self, x: torch.Tensor, y: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator):  # noqa: ANN201
+    def batch_hook(
+        self, x: torch.Tensor, y: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator
+    ):  # noqa: ANN201
         x, y = super().batch_hook(x, y, poisoned, generator)
         if not self.params.noise:
             return x, y
@@ -84,7 +88,9 @@ class WaNet(Attack):
             return x, y
         h = self.image_shape[1]
         pick = candidates[torch.randperm(len(candidates), device=x.device, generator=generator)[:count]]
-        jitter = torch.rand((count, *self.identity_grid.shape[1:]), device=x.device, generator=generator) * 2 - 1
+        jitter = (
+            torch.rand((count, *self.identity_grid.shape[1:]), device=x.device, generator=generator) * 2 - 1
+        )
         grid = (self.grid.to(x.device, x.dtype) + jitter.to(x.dtype) / h).clamp(-1, 1)
         x = x.clone()
         x[pick] = F.grid_sample(x[pick], grid, align_corners=True).clamp(0, 1)
@@ -116,5 +122,7 @@ def make_grids(k: int, h: int, w: int, generator: torch.Generator) -> tuple[torc
     return noise, identity
 
 
-def warp_grid(identity: torch.Tensor, noise: torch.Tensor, s: float, h: int, rescale: float = 1.0) -> torch.Tensor:
+def warp_grid(
+    identity: torch.Tensor, noise: torch.Tensor, s: float, h: int, rescale: float = 1.0
+) -> torch.Tensor:
     return ((identity + s * noise / h) * rescale).clamp(-1, 1)

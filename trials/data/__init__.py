@@ -12,7 +12,15 @@ from trials.data.registry import DATASETS, register_dataset
 from trials.errors import InvalidValue
 from trials.params import resolve_params
 
-__all__ = ["DATASETS", "Dataset", "ImageData", "SplitParams", "load_dataset", "register_dataset", "make_dataset"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "ImageData",
+    "SplitParams",
+    "load_dataset",
+    "register_dataset",
+    "make_dataset",
+]
 
 
 def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | None = None) -> Dataset:
@@ -23,13 +31,22 @@ def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | No
     known = split_keys | set(cls.Params.__dataclass_fields__)
     unknown = sorted(set(params) - known)
     if unknown:
-        raise InvalidValue(f"dataset {name}: param", unknown[0], f"valid parameters are: {', '.join(sorted(known))}")
-    split = resolve_params(SplitParams, {k: v for k, v in params.items() if k in split_keys}, owner=f"dataset {name}")
-    own = resolve_params(cls.Params, {k: v for k, v in params.items() if k not in split_keys}, owner=f"dataset {name}")
+        raise InvalidValue(
+            f"dataset {name}: param", unknown[0], f"valid parameters are: {', '.join(sorted(known))}"
+        )
+    split = resolve_params(
+        SplitParams, {k: v for k, v in params.items() if k in split_keys}, owner=f"dataset {name}"
+    )
+    own = resolve_params(
+        cls.Params, {k: v for k, v in params.items() if k not in split_keys}, owner=f"dataset {name}"
+    )
     return cls(own, split, root)
 
 
 def load_dataset(
-    name: str, params: dict[str, Any] | None = None, root: str | None = None, device: torch.device | str = "cpu"
+    name: str,
+    params: dict[str, Any] | None = None,
+    root: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> ImageData:
     return make_dataset(name, params, root).load(device)

@@ -44,8 +44,12 @@ class SplitParams:
         0.1, "fraction of the training split held out from the attacker, for defenses", low=0.0, high=0.5
     )
     split_seed: int = param(0, "seed of the held-out and validation/report splits (shared by all trials)")
-    train_subset: int = param(0, "use a stratified subset of this many attacker training images (0 = all)", low=0)
-    test_subset: int = param(0, "use a stratified subset of this many test images before halving (0 = all)", low=0)
+    train_subset: int = param(
+        0, "use a stratified subset of this many attacker training images (0 = all)", low=0
+    )
+    test_subset: int = param(
+        0, "use a stratified subset of this many test images before halving (0 = all)", low=0
+    )
 
 
 @dataclass

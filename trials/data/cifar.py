@@ -39,7 +39,9 @@ class _TorchvisionCifar(Dataset):
             test = cls(root, train=False, download=self.params.download)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise InvalidValue(
-                "--data-root", root, f"{self.folder} not found there ({err}); pass --dataset-param download=true"
+                "--data-root",
+                root,
+                f"{self.folder} not found there ({err}); pass --dataset-param download=true",
             ) from None
         return RawImages(
             train_x=np.asarray(train.data),

@@ -24,7 +24,9 @@ from trials.params import param
 
 @dataclass(frozen=True)
 class ImageFolderParams:
-    size: int = param(0, "resize images to size x size; 0 keeps their size (all must agree)", low=0, high=1024)
+    size: int = param(
+        0, "resize images to size x size; 0 keeps their size (all must agree)", low=0, high=1024
+    )
     flip: bool = param(True, "horizontal flip is a valid augmentation for these images")
     cache: bool = param(True, "cache the decoded arrays under ~/.cache/bdlab (or $BDLAB_CACHE)")
 
@@ -63,7 +65,9 @@ class ImageFolder(Dataset):
 
 def _scan(folder: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]], list[str]]:
     if not folder.is_dir():
-        raise InvalidValue("--data-root", str(folder.parent), f"imagefolder needs a subfolder {folder.name}/<class>/")
+        raise InvalidValue(
+            "--data-root", str(folder.parent), f"imagefolder needs a subfolder {folder.name}/<class>/"
+        )
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if classes is None:
         classes = found

@@ -121,14 +121,18 @@ def batch_indices(
         yield order[start : start + batch_size]
 
 
-def random_rotate(x: torch.Tensor, degrees: float, p: float, generator: torch.Generator | None) -> torch.Tensor:
+def random_rotate(
+    x: torch.Tensor, degrees: float, p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Rotate each float image, with probability p, by an angle uniform in [-degrees, degrees] about
     its center (bilinear, zeros outside), as one batched grid_sample."""
     if degrees <= 0 or p <= 0:
         return x
     n = x.shape[0]
     angle = (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * degrees * torch.pi / 180
-    angle = torch.where(torch.rand(n, device=x.device, generator=generator) < p, angle, torch.zeros_like(angle))
+    angle = torch.where(
+        torch.rand(n, device=x.device, generator=generator) < p, angle, torch.zeros_like(angle)
+    )
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(angle)
     theta = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1).to(x.dtype)

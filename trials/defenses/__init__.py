@@ -18,7 +18,15 @@ from trials.params import resolve_params
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DATA_KINDS", "DEFENSES", "Defense", "DefenseContext", "DefenseData", "make_defense", "register_defense"]
+__all__ = [
+    "DATA_KINDS",
+    "DEFENSES",
+    "Defense",
+    "DefenseContext",
+    "DefenseData",
+    "make_defense",
+    "register_defense",
+]
 
 
 def make_defense(name: str, params: dict[str, Any] | None) -> Defense:

@@ -28,7 +28,9 @@ from trials.params import param
 class AdversarialFinetuneParams:
     eps: float = param(6 / 255, "PGD L-inf radius in pixel units (code: 6/255)", low=0.0)
     pgd_steps: int = param(7, "PGD iterations", low=1)
-    step_fraction: float = param(0.2, "PGD step size as a fraction of eps (code: eps/5)", low=0.0, low_exclusive=True)
+    step_fraction: float = param(
+        0.2, "PGD step size as a fraction of eps (code: eps/5)", low=0.0, low_exclusive=True
+    )
     lr: float = param(1e-3, "SGD learning rate, constant", low=0.0, low_exclusive=True)
     momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay", low=0.0)
@@ -41,7 +43,9 @@ def make_optimizer(model: nn.Module, p: AdversarialFinetuneParams) -> torch.opti
     return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
 
-def augment(x: torch.Tensor, p: AdversarialFinetuneParams, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, p: AdversarialFinetuneParams, flip: bool, generator: torch.Generator
+) -> torch.Tensor:
     cropped = random_crop(x, p.crop_pad, generator)
     keep = torch.rand(len(x), device=x.device, generator=generator) < 0.8
     x = torch.where(keep[:, None, None, None], cropped, x)
@@ -64,8 +68,14 @@ def finetune_epoch(
     total_loss, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     seen, attacked = 0, 0
     for b, idx in enumerate(
-        batch_indices(len(images), p.batch_size, shuffle=True, drop_last=False, generator=ctx.generator,
-                      device=images.device)
+        batch_indices(
+            len(images),
+            p.batch_size,
+            shuffle=True,
+            drop_last=False,
+            generator=ctx.generator,
+            device=images.device,
+        )
     ):
         x = augment(to_float(images[idx]), p, flip, ctx.generator)
         y = labels[idx]
@@ -82,4 +92,8 @@ def finetune_epoch(
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
-    return {"loss": float(total_loss) / max(seen, 1), "train_acc": float(correct) / max(seen, 1), "adversarial": attacked}
+    return {
+        "loss": float(total_loss) / max(seen, 1),
+        "train_acc": float(correct) / max(seen, 1),
+        "adversarial": attacked,
+    }

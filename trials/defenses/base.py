@@ -45,8 +45,13 @@ DATA_KINDS: tuple[str, ...] = ("none", "unlabeled", "clean_labeled", "poisoned_t
 class DataBudgetParams:
     """For defenses that take unlabeled or clean labeled images from the held-out part."""
 
-    data_fraction: float = param(0.1, "images to use, as a fraction of the training split's size", low=0.0, high=1.0,
-                                 low_exclusive=True)
+    data_fraction: float = param(
+        0.1,
+        "images to use, as a fraction of the training split's size",
+        low=0.0,
+        high=1.0,
+        low_exclusive=True,
+    )
     data_count: int | None = param(None, "images to use, as a count (overrides data_fraction)", low=1)
 
     def data_amount(self, train_split_size: int) -> int:
@@ -109,7 +114,10 @@ class DefenseContext:
 
     # --- checkpoints (long defenses resume from their last one) -----------------------------------
     def checkpoint_due(self) -> bool:
-        return self.checkpoint_dir is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+        return (
+            self.checkpoint_dir is not None
+            and time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+        )
 
     def save_checkpoint(self, step: int, objects: dict[str, Any]) -> None:
         """Save modules, optimizers, schedulers and generators under their names, with `step` done."""

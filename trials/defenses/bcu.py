@@ -39,11 +39,17 @@ class BCUParams(DataBudgetParams):
     ratio_head: float = param(0.10, "re-initialized fraction of the classifier (fc)", low=0.0, high=1.0)
     epochs: int = param(100, "distillation epochs over the unlabeled images", low=1)
     batch_size: int = param(256, "distillation batch size", low=1)
-    lr: float = param(0.01, "SGD learning rate (cosine-annealed over the epochs)", low=0.0, low_exclusive=True)
+    lr: float = param(
+        0.01, "SGD learning rate (cosine-annealed over the epochs)", low=0.0, low_exclusive=True
+    )
     momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay", low=0.0)
-    temperature_max: float = param(4.0, "final distillation temperature (ramps from about 1 to this)", low=1.0)
-    crop_pad: int = param(4, "random-crop padding of the unlabeled images (flip where the dataset allows)", low=0)
+    temperature_max: float = param(
+        4.0, "final distillation temperature (ramps from about 1 to this)", low=1.0
+    )
+    crop_pad: int = param(
+        4, "random-crop padding of the unlabeled images (flip where the dataset allows)", low=0
+    )
 
     def stage_ratio(self, stage: str) -> float:
         if stage == "head":
@@ -59,7 +65,9 @@ def stage_ratios(model: nn.Module, params: BCUParams) -> dict[str, float]:
 
 
 @torch.no_grad()
-def partial_reinit(student: nn.Module, ratios: dict[str, float], generator: torch.Generator) -> dict[str, float]:
+def partial_reinit(
+    student: nn.Module, ratios: dict[str, float], generator: torch.Generator
+) -> dict[str, float]:
     """Mix each conv/linear tensor elementwise with a freshly initialized copy; returns the fraction
     of elements replaced per stage."""
     fresh = copy.deepcopy(student)
@@ -90,7 +98,9 @@ def partial_reinit(student: nn.Module, ratios: dict[str, float], generator: torc
     return replaced
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """KL(teacher || student) at temperature T, batchmean, without the T^2 factor (code-faithful)."""
     return F.kl_div(
         F.log_softmax(student_logits / temperature, dim=1),
@@ -112,7 +122,9 @@ class BCU(Defense):
         replaced = partial_reinit(student, stage_ratios(student, p), ctx.cpu_generator())
         ctx.report({"step": "reinit", **{f"reinit_{k}": round(v, 4) for k, v in replaced.items()}}, student)
 
-        optimizer = torch.optim.SGD(student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        optimizer = torch.optim.SGD(
+            student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
+        )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs)
         augment = Augment(pad=p.crop_pad, flip=data.flip)
         images = data.images
@@ -120,8 +132,14 @@ class BCU(Defense):
             temperature = 1 + (p.temperature_max - 1) * (epoch + 1) / p.epochs  # T_e rises to T_max
             student.train()
             total, seen = torch.zeros((), device=images.device), 0
-            for idx in batch_indices(len(images), p.batch_size, shuffle=True, drop_last=False,
-                                     generator=ctx.generator, device=images.device):
+            for idx in batch_indices(
+                len(images),
+                p.batch_size,
+                shuffle=True,
+                drop_last=False,
+                generator=ctx.generator,
+                device=images.device,
+            ):
                 x = prepare_input(to_float(augment(images[idx], ctx.generator)), ctx.fast)
                 with autocast(ctx.device, ctx.fast):
                     with torch.no_grad():
@@ -133,6 +151,13 @@ class BCU(Defense):
                 total += loss.detach() * len(idx)  # summed on the device: no host sync per batch
                 seen += len(idx)
             schedule.step()
-            ctx.report({"epoch": epoch + 1, "epochs": p.epochs, "loss": float(total) / max(seen, 1),
-                        "temperature": round(temperature, 3)}, student)
+            ctx.report(
+                {
+                    "epoch": epoch + 1,
+                    "epochs": p.epochs,
+                    "loss": float(total) / max(seen, 1),
+                    "temperature": round(temperature, 3),
+                },
+                student,
+            )
         return student.eval()

@@ -53,7 +53,9 @@ class CLP(Defense):
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:
         pruned_total, channels_total = 0, 0
         for index, (conv, bn) in enumerate(model.conv_bn_pairs()):
-            prune = outlier_channels(channel_lipschitz_upper_bounds(conv, bn, self.params.bn_eps), self.params.u)
+            prune = outlier_channels(
+                channel_lipschitz_upper_bounds(conv, bn, self.params.bn_eps), self.params.u
+            )
             bn.weight[prune] = 0
             bn.bias[prune] = 0
             pruned_total += int(prune.sum())

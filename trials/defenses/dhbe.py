@@ -45,27 +45,36 @@ from trials.params import param
 
 @dataclass(frozen=True)
 class DHBEParams:
-    lam: float = param(0.1, "lambda, weight of the backdoor regularizer L_br (0: plain DFAD, the ablation)", low=0.0)
+    lam: float = param(
+        0.1, "lambda, weight of the backdoor regularizer L_br (0: plain DFAD, the ablation)", low=0.0
+    )
     patch_size: int = param(5, "side p of the adversarial patch, pixels", low=1, high=256)
     batch_size: int = param(256, "synthetic samples (and patches) per step (code 256, paper 128)", low=2)
     student_steps: int = param(5, "student updates per generator update (code 5, paper 3)", low=1)
     epochs: int = param(300, "epochs E (an epoch is iters_per_epoch iterations, not a data pass)", low=1)
     iters_per_epoch: int = param(50, "iterations per epoch", low=1)
     lr_student: float = param(0.1, "SGD learning rate of the student", low=0.0, low_exclusive=True)
-    lr_generator: float = param(1e-3, "Adam learning rate of the sample generator G", low=0.0, low_exclusive=True)
+    lr_generator: float = param(
+        1e-3, "Adam learning rate of the sample generator G", low=0.0, low_exclusive=True
+    )
     lr_patch: float = param(1e-3, "Adam learning rate of the patch generator Gp", low=0.0, low_exclusive=True)
     momentum: float = param(0.9, "SGD momentum of the student", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay of the student", low=0.0)
-    milestones: tuple[float, ...] = param((0.6, 0.8), "LR decay points of all three optimizers, fractions of epochs",
-                                          low=0.0, high=1.0)
+    milestones: tuple[float, ...] = param(
+        (0.6, 0.8), "LR decay points of all three optimizers, fractions of epochs", low=0.0, high=1.0
+    )
     gamma: float = param(0.1, "LR decay factor at each milestone", low=0.0, high=1.0, low_exclusive=True)
     nz: int = param(256, "latent size of G", low=1)
     nz_patch: int = param(256, "latent size of Gp", low=1)
     generator_width: int = param(64, "ngf of the sample generator G", low=1)
     patch_generator_width: int = param(64, "ngf of the patch generator Gp", low=1)
     tv1_weight: float = param(0.0, "w1, weight of the L1 total variation of G's images", low=0.0)
-    tv2_weight: float = param(1e-4, "w2, weight of the L2 (Frobenius-norm) total variation of G's images", low=0.0)
-    student_init: Literal["teacher", "random"] = param("teacher", "student start: the backdoored weights (code) or random (DFAD)")
+    tv2_weight: float = param(
+        1e-4, "w2, weight of the L2 (Frobenius-norm) total variation of G's images", low=0.0
+    )
+    student_init: Literal["teacher", "random"] = param(
+        "teacher", "student start: the backdoored weights (code) or random (DFAD)"
+    )
     image_size: int | None = param(None, "image side; None: from the data description, else 32", low=1)
 
 
@@ -131,15 +140,26 @@ class DHBE(Defense):
             Gp = PatchGenerator(p.nz_patch, p.patch_generator_width, channels, p.patch_size, image_size)
         G, Gp = prepare_model(G, dev, fast), prepare_model(Gp, dev, fast)
 
-        opt_S = torch.optim.SGD(student.parameters(), lr=p.lr_student, momentum=p.momentum, weight_decay=p.weight_decay)
+        opt_S = torch.optim.SGD(
+            student.parameters(), lr=p.lr_student, momentum=p.momentum, weight_decay=p.weight_decay
+        )
         opt_G = torch.optim.Adam(G.parameters(), lr=p.lr_generator)
         opt_Gp = torch.optim.Adam(Gp.parameters(), lr=p.lr_patch)
         milestones = sorted(int(m * p.epochs) for m in p.milestones)  # as in the code: [180, 240] of 300
         sched_S, sched_G, sched_Gp = (
             torch.optim.lr_scheduler.MultiStepLR(o, milestones, p.gamma) for o in (opt_S, opt_G, opt_Gp)
         )
-        state = {"student": student, "G": G, "Gp": Gp, "opt_S": opt_S, "opt_G": opt_G, "opt_Gp": opt_Gp,
-                 "sched_S": sched_S, "sched_G": sched_G, "sched_Gp": sched_Gp}
+        state = {
+            "student": student,
+            "G": G,
+            "Gp": Gp,
+            "opt_S": opt_S,
+            "opt_G": opt_G,
+            "opt_Gp": opt_Gp,
+            "sched_S": sched_S,
+            "sched_G": sched_G,
+            "sched_Gp": sched_Gp,
+        }
         start_epoch = ctx.load_checkpoint(state)
 
         def noise(n: int) -> torch.Tensor:
@@ -199,8 +219,14 @@ class DHBE(Defense):
                     opt_Gp.step()
 
                 # running sums stay on the device (no host sync per iteration)
-                terms = {"loss_S": loss_S, "L_kd": loss_kd, "L_br": loss_br if with_patch else loss_Gp,  # 0 without patch
-                         "loss_G": loss_G, "L_G_adv": loss_adv, "loss_Gp": loss_Gp}
+                terms = {
+                    "loss_S": loss_S,
+                    "L_kd": loss_kd,
+                    "L_br": loss_br if with_patch else loss_Gp,  # 0 without patch
+                    "loss_G": loss_G,
+                    "L_G_adv": loss_adv,
+                    "loss_Gp": loss_Gp,
+                }
                 for k, value in terms.items():
                     sums[k] = sums[k] + value.detach().float() if k in sums else value.detach().float()
 

@@ -33,7 +33,9 @@ def _up_blocks(ngf: int, count: int) -> nn.ModuleList:
     for i in range(count):
         cout = ngf if i + 1 == count else 2 * ngf
         blocks.append(
-            nn.Sequential(nn.Conv2d(2 * ngf, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+            nn.Sequential(
+                nn.Conv2d(2 * ngf, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)
+            )
         )
     return nn.ModuleList(blocks)
 
@@ -65,7 +67,9 @@ class PatchGenerator(nn.Module):
     -> conv3x3(ngf -> C) -> BatchNorm2d(C, affine=False) -> Tanh. Output: patches in (-1, 1), pixel units.
     Patches above 9 px (even) are grown by x2 upsample blocks as in the code (e.g. 10 = 5 x 2)."""
 
-    def __init__(self, nz: int = 256, ngf: int = 64, channels: int = 3, patch_size: int = 5, image_size: int = 32) -> None:
+    def __init__(
+        self, nz: int = 256, ngf: int = 64, channels: int = 3, patch_size: int = 5, image_size: int = 32
+    ) -> None:
         super().__init__()
         if not 1 <= patch_size <= image_size:
             raise ValueError(f"patch size {patch_size} must be between 1 and the image size {image_size}")

@@ -35,11 +35,16 @@ from trials.params import param
 
 @dataclass(frozen=True)
 class PBEParams(AdversarialFinetuneParams):
-    initial_pool: float = param(0.05, "fraction of the training set in the random initial pool", low=0.0, high=1.0,
-                                low_exclusive=True)
-    pool_schedule: list[float] = param([0.2, 0.5, 0.7], "pool fractions selected after steps 0, 1, 2 by similarity")
+    initial_pool: float = param(
+        0.05, "fraction of the training set in the random initial pool", low=0.0, high=1.0, low_exclusive=True
+    )
+    pool_schedule: list[float] = param(
+        [0.2, 0.5, 0.7], "pool fractions selected after steps 0, 1, 2 by similarity"
+    )
     epochs_per_step: int = param(10, "fine-tuning epochs per progressive step", low=1)
-    later_adversarial_batches: int = param(31, "adversarial batches at the start of steps >= 1 (first epoch)", low=0)
+    later_adversarial_batches: int = param(
+        31, "adversarial batches at the start of steps >= 1 (first epoch)", low=0
+    )
 
 
 def similarity_scores(logits_before: torch.Tensor, logits_now: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,9 @@ class PBE(Defense):
             if not 0 < r <= 1:
                 from trials.errors import InvalidValue
 
-                raise InvalidValue("defense pbe: param 'pool_schedule'", p.pool_schedule, "fractions in (0, 1]")
+                raise InvalidValue(
+                    "defense pbe: param 'pool_schedule'", p.pool_schedule, "fractions in (0, 1]"
+                )
         images, labels = data.images, data.labels
         n = len(images)
         logits_b = logits(model, images, fast=ctx.fast)  # f_b on every training image
@@ -73,9 +80,13 @@ class PBE(Defense):
                     adversarial = lambda b: True  # noqa: E731
                 else:
                     adversarial = lambda b, e=epoch: e == 0 and b < p.later_adversarial_batches  # noqa: E731
-                stats = finetune_epoch(model, optimizer, images[pool], labels[pool], p, ctx, data.flip, adversarial)
-                ctx.report({"step": t, "epoch": epoch + 1, "pool": len(pool), **stats},
-                           model if epoch == p.epochs_per_step - 1 else None)
+                stats = finetune_epoch(
+                    model, optimizer, images[pool], labels[pool], p, ctx, data.flip, adversarial
+                )
+                ctx.report(
+                    {"step": t, "epoch": epoch + 1, "pool": len(pool), **stats},
+                    model if epoch == p.epochs_per_step - 1 else None,
+                )
             if t < steps - 1:
                 scores = similarity_scores(logits_b, logits(model, images, fast=ctx.fast))
                 keep = max(1, int(round(p.pool_schedule[t] * n)))

@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = ConvBn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout else nn.Identity()
+        self.shortcut = (
+            ConvBn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

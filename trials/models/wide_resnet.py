@@ -23,7 +23,9 @@ class WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if cin != cout or stride != 1 else None
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if cin != cout or stride != 1 else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = F.relu(self.bn1(x))
