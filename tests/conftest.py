@@ -36,3 +36,16 @@ def tiny_attacked(tmp_path_factory):
     )
     folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("attacked") / "badnets")
     return load_attacked(folder, "cpu")
+
+
+@pytest.fixture(scope="session")
+def digits_badnets(tmp_path_factory):
+    """The defenses' quality problem: BadNets 3x3 (target 0, 10 %) on digits with mini_resnet,
+    trained with the digits recipe and saved as an attacked-model folder (ASR >= 0.95)."""
+    from trials.run import AttackSpec, load_attacked, run_attack, save_attack_result
+
+    spec = AttackSpec(attack_params={"size": 3, "target": 0, "ratio": 0.1}, device="cpu")
+    folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("quality") / "badnets")
+    attacked = load_attacked(folder, "cpu")
+    assert attacked.metrics["asr"] >= 0.95
+    return attacked

@@ -11,14 +11,15 @@ from trials.errors import InvalidValue
 from trials.presets import available_presets, load_preset
 from trials.run import DefenseSpec, defense_data, run_defense
 
-# Shorten every schedule to a step or two: the contract checks that a defense runs, keeps its
-# architecture, reports progress and uses its data, not its strength (test_defense_quality.py).
-SMOKE_PARAMS = {
-    "bcu": {"epochs": 2, "batch_size": 16},
-    "aft": {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 2, "batch_size": 16},
-    "pbe": {"epochs_per_step": 1, "pgd_steps": 2, "batch_size": 16, "later_adversarial_batches": 1},
-    "dhbe": {"epochs": 2, "iters_per_epoch": 2, "batch_size": 8, "student_steps": 2, "generator_width": 8},
-}
+
+# A defense's `smoke` preset (if any) shortens its schedule to a step or two, on top of `cpu`: the
+# contract checks that it runs, keeps its architecture, reports progress and uses its data, not its
+# strength (test_defense_quality.py).
+def smoke_params(name: str) -> dict:
+    params = load_preset(name, "cpu")
+    if "smoke" in available_presets(name):
+        params.update(load_preset(name, "smoke"))
+    return params
 
 
 @pytest.fixture(params=DEFENSES.names())
@@ -33,7 +34,7 @@ def test_every_defense_ships_a_cpu_preset(defense_name):
 
 def test_defense_runs_keeps_architecture_and_reports(defense_name, tiny_attacked):
     records = []
-    params = {**load_preset(defense_name, "cpu"), **SMOKE_PARAMS.get(defense_name, {})}
+    params = smoke_params(defense_name)
     if DEFENSES.get(defense_name).data_kind in ("unlabeled", "clean_labeled"):
         params["data_count"] = 12
     original = {k: v.clone() for k, v in tiny_attacked.model.state_dict().items()}

@@ -10,16 +10,12 @@ from __future__ import annotations
 import pytest
 
 from trials.presets import load_preset
-from trials.run import AttackSpec, DefenseSpec, load_attacked, run_attack, run_defense, save_attack_result
+from trials.run import DefenseSpec, run_defense
 
 
 @pytest.fixture(scope="module")
-def badnets(tmp_path_factory):
-    spec = AttackSpec(attack_params={"size": 3, "target": 0, "ratio": 0.1}, device="cpu")
-    folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("quality") / "badnets")
-    attacked = load_attacked(folder, "cpu")
-    assert attacked.metrics["asr"] >= 0.95
-    return attacked
+def badnets(digits_badnets):
+    return digits_badnets
 
 
 def _run(attacked, name, **overrides):

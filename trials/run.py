@@ -414,6 +414,8 @@ def run_defense(
     _check_same_architecture(attacked.model, defended, spec.defense)
     metrics = _metrics(defended, report_set, val_set, fast)
     metrics["before"] = before
+    if ctx.findings:
+        metrics["findings"] = ctx.findings
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     resolved = {
         "kind": "defense",

@@ -96,6 +96,9 @@ class DefenseContext:
     checkpoint_dir: Path | None = None
     checkpoint_every_s: float = 600.0  # wall-clock interval between checkpoints
     tag: str = "defense"
+    # what a defense found along the way (NC's anomaly index, FP's pruned count...), written to
+    # metrics.json under "findings"
+    findings: dict[str, Any] = field(default_factory=dict)
     _last_checkpoint: float = field(default_factory=time.monotonic)
 
     def cpu_generator(self, offset: int = 0) -> torch.Generator:
