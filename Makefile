@@ -13,13 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: for now, a BadNets attack on the bundled digits, then BCU and CLP on it with their CPU
-# presets (the sweep work turns this into the quickstart sweep).
+# The main job: the quickstart sweep (search_spaces/quickstart.yaml) on the bundled digits, results in
+# ./results (MLflow + Optuna SQLite stores, Parquet table); it ends with the summary and `bdlab ui`.
 demo: $(STAMP)
-	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && \
-	$(BIN)/bdlab attack --dataset digits --model mini_resnet --attack badnets --clean-reference --out $$run/attack && \
-	$(BIN)/bdlab defend --attacked $$run/attack --defense bcu --preset cpu --out $$run/bcu && \
-	$(BIN)/bdlab defend --attacked $$run/attack --defense clp --preset cpu --out $$run/clp
+	$(BIN)/bdlab sweep search_spaces/quickstart.yaml
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests

@@ -49,3 +49,33 @@ def digits_badnets(tmp_path_factory):
     attacked = load_attacked(folder, "cpu")
     assert attacked.metrics["asr"] >= 0.95
     return attacked
+
+
+# --- bdlab tracking (tests/test_tracking.py): a real MLflow server, and a local SQLite store --------
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_uri(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), for the session."""
+    from bdlab.servers import mlflow_server
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", timeout_s=180) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def local_store(tmp_path_factory):
+    """The local store (SQLite + file artifacts) in a temporary results folder."""
+    from bdlab.tracking import Store
+
+    results = tmp_path_factory.mktemp("local-store") / "results"
+    return Store.open(results, tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def server_store(tmp_path_factory, mlflow_server_uri):
+    """A store that tracks to the session's MLflow server (Optuna DB in a temporary folder)."""
+    from bdlab.tracking import Store
+
+    return Store.open(tmp_path_factory.mktemp("server-store") / "results", tracking_uri=mlflow_server_uri)

@@ -42,7 +42,8 @@ def test_defense_runs_keeps_architecture_and_reports(defense_name, tiny_attacked
     after = result.model.state_dict()
     assert after.keys() == original.keys()
     assert all(after[k].shape == original[k].shape for k in after)
-    assert any(not torch.equal(after[k], original[k]) for k in after), "the defense changed nothing"
+    changed = any(not torch.equal(after[k], original[k]) for k in after)
+    assert changed == DEFENSES.get(defense_name).changes_model, "the defense changed nothing"
     assert all(torch.equal(v, original[k]) for k, v in tiny_attacked.model.state_dict().items()), (
         "input model mutated"
     )

@@ -412,6 +412,7 @@ def run_defense(
     model = prepare_model(copy.deepcopy(attacked.model), device, fast)
     defended = defense.run(model, data, ctx).eval()
     _check_same_architecture(attacked.model, defended, spec.defense)
+    _check_finite(defended, spec.defense)
     metrics = _metrics(defended, report_set, val_set, fast)
     metrics["before"] = before
     if ctx.findings:
@@ -441,6 +442,13 @@ def _check_same_architecture(before: nn.Module, after: nn.Module, name: str) -> 
     a, b = before.state_dict(), after.state_dict()
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         raise RuntimeError(f"defense {name} returned a model of another architecture")
+
+
+def _check_finite(model: nn.Module, name: str) -> None:
+    """A diverged defense fails loudly: NaN weights still give finite ACC/ASR (argmax of NaN is 0)."""
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(f"defense {name} produced non-finite weights ({key})")
 
 
 def save_defense_result(result: DefenseResult, out: str | Path) -> Path:

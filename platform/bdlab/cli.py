@@ -90,9 +90,46 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="data-path benchmark: tensor-resident pipeline vs a DataLoader (bdlab bench --help)"
     )
 
+    sweep = sub.add_parser(
+        "sweep", help="run (or resume) a sweep: attacked models once, then an Optuna study per defense cell"
+    )
+    sweep.add_argument("spec", help="sweep YAML, e.g. search_spaces/quickstart.yaml")
+    _store_options(sweep)
+    sweep.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)"
+    )
+    sweep.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new generation of every study (attacked models stay cached)",
+    )
+
+    export = sub.add_parser("export", help="write a sweep's trials as one Parquet table")
+    export.add_argument("sweep", help="the sweep's name (its spec's `name`)")
+    _store_options(export)
+    export.add_argument("--out", required=True, help="the .parquet file to write")
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI of a results folder on 127.0.0.1")
+    ui.add_argument("--results", default="results", help="results folder (default: ./results)")
+    ui.add_argument("--port", type=int, default=5000)
+
     lst = sub.add_parser("list", help="print every registered dataset, model, attack and defense")
     lst.add_argument("family", nargs="?", choices=["datasets", "models", "attacks", "defenses"])
     return parser
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="results folder (default: ./results)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under the results folder)",
+    )
+    p.add_argument(
+        "--optuna-storage",
+        default=None,
+        help="SQLAlchemy URL of the Optuna storage (default: SQLite under the results folder)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,12 +280,49 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bdlab.spec import load_sweep
+    from bdlab.sweep import run_sweep
+
+    spec = load_sweep(args.spec)  # every name and value checked before anything starts
+    run_sweep(
+        spec,
+        results=args.results,
+        tracking_uri=args.tracking_uri,
+        optuna_url=args.optuna_storage,
+        address=args.address,
+        fresh=args.fresh,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bdlab.report import export
+    from bdlab.tracking import Store
+
+    store = Store.open(args.results, args.tracking_uri, args.optuna_storage)
+    out = export(store, args.sweep, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from bdlab.servers import serve_ui
+    from bdlab.tracking import Store
+
+    serve_ui(Store.open(args.results), port=args.port)
+    return 0
+
+
 COMMANDS = {
     "attack": cmd_attack,
     "defend": cmd_defend,
     "evaluate": cmd_evaluate,
     "import-checkpoint": cmd_import_checkpoint,
     "list": cmd_list,
+    "sweep": cmd_sweep,
+    "export": cmd_export,
+    "ui": cmd_ui,
 }
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ class Defense(abc.ABC):
     name: ClassVar[str]
     Params: ClassVar[type]
     data_kind: ClassVar[str] = "none"
+    changes_model: ClassVar[bool] = True  # False only for the no-defense reference (`identity`)
 
     def __init__(self, params: Any) -> None:
         self.params = params

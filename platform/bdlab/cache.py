@@ -1,0 +1,335 @@
+"""Attacked models, content-addressed in the tracking store: train each one once, reuse it anywhere.
+
+An attacked model's key is a hash of its cell (dataset, model, attack, parameters, seed: the explicit
+JSON description the caller supplies) and of the code that trains it (`code_version`). All attacked
+models live in one experiment, `bdlab/attacked-models`, so every sweep finds every model; a run there
+holds the model folder written by `trials.run.save_attack_result` as its artifact folder `attacked`.
+
+Two sweeps (or two trials of one sweep) that need the same model race through `claim_attacked`, which
+lets exactly one of them train it. The claim uses only the tracking API, because workers may run on
+other nodes with no shared file system:
+
+1. A finished run with the key exists: reuse it.
+2. Create a claim run (RUNNING) tagged with the key, then list the key's runs (one snapshot).
+3. No other live claim is listed: we won. Safe, because any claim created after ours lists ours.
+4. Other live claims are listed: order them by (start_time, run_id). Every claimant that is not the
+   first withdraws (deletes its run) at once and waits. The first waits (briefly) until the others
+   have withdrawn and then wins; if one stays, that one listed no rival (it won at step 3), so the
+   first withdraws too. Withdrawing never makes two winners, so clock skew between nodes can only
+   cost a retry, never a second training.
+5. A waiter polls until a run with the key FINISHES (reuse it) or no live claim is left (the winner
+   FAILED, was killed, or stopped sending heartbeats for `stale_s`): it retries from 1.
+
+The winner's caller trains, uploads the folder (`log_attacked`), sends `heartbeat`s while it works
+(`keep_alive` does it from a thread), and ends the run with `tracking.finish_run` (FINISHED or FAILED).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bdlab.tracking import (
+    KIND_TAG,
+    Store,
+    _tag_values,
+    download_folder,
+    find_runs,
+    finish_run,
+    log_folder,
+    set_tags,
+)
+from trials.errors import BdlabError, InvalidValue
+
+log = logging.getLogger(__name__)
+
+# The source files whose content defines an attacked model (globs relative to the repository root).
+CODE_VERSION_FILES = (
+    "trials/data/**/*.py",
+    "trials/models/**/*.py",
+    "trials/attacks/**/*.py",
+    "trials/training.py",
+    "trials/run.py",
+    "trials/metrics.py",
+)
+ATTACK_EXPERIMENT = "bdlab/attacked-models"
+ATTACKED_ARTIFACT = "attacked"  # the run's artifact folder holding the attacked-model folder
+KEY_TAG = "bdlab.cache_key"
+CLAIM_TAG = "bdlab.claim"
+HEARTBEAT_TAG = "bdlab.heartbeat"
+CODE_TAG = "bdlab.code_version"
+
+
+class ClaimTimeout(BdlabError):
+    """Waited longer than `wait_s` for another process to finish training an attacked model."""
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+
+def _source_root() -> Path:
+    """The folder holding the `trials` package (found without importing it: that imports torch)."""
+    spec = importlib.util.find_spec("trials")
+    if spec is None or not spec.submodule_search_locations:
+        raise BdlabError("the `trials` package cannot be found; is bdlab installed?")
+    return Path(next(iter(spec.submodule_search_locations))).resolve().parent
+
+
+def code_files(patterns: Iterable[str] = CODE_VERSION_FILES, root: Path | None = None) -> list[Path]:
+    """The files matched by `patterns` under `root`, as sorted relative paths (no bytecode caches)."""
+    root = root or _source_root()
+    found = {
+        p.relative_to(root)
+        for pattern in patterns
+        for p in root.glob(pattern)
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def code_version(patterns: Iterable[str] | None = None, root: Path | None = None) -> str:
+    """sha256 over the relative paths and bytes of the files that define an attacked model, hex[:16].
+    The default (no arguments) is computed once per process."""
+    if patterns is None and root is None:
+        return _default_code_version()
+    return _hash_files(tuple(patterns or CODE_VERSION_FILES), root or _source_root())
+
+
+@functools.cache
+def _default_code_version() -> str:
+    return _hash_files(CODE_VERSION_FILES, _source_root())
+
+
+def _hash_files(patterns: tuple[str, ...], root: Path) -> str:
+    files = code_files(patterns, root)
+    if not files:
+        raise BdlabError(f"code version: no file matches {list(patterns)} under {str(root)!r}")
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256((root / rel).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(identity: Mapping[str, Any], device_kind: str | None = None) -> str:
+    """The attacked model's key: sha256 of the canonical JSON of {"cell": identity, "code":
+    code_version()} (plus "device" when `device_kind` is given, for results that are not portable
+    across device kinds), hex[:20]."""
+    payload: dict[str, Any] = {"cell": identity, "code": code_version()}
+    if device_kind is not None:
+        payload["device"] = device_kind
+    try:
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidValue("cache identity", identity, f"it must be plain JSON data ({err})") from None
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# --- finding and claiming --------------------------------------------------------------------------
+
+
+def find_attacked(store: Store, key: str) -> str | None:
+    """The run id of a FINISHED attack run with this key (the oldest, if several), or None."""
+    runs = find_runs(store, [store.experiment_id(ATTACK_EXPERIMENT)], {KEY_TAG: key}, ("FINISHED",))
+    return runs[-1].info.run_id if runs else None
+
+
+def heartbeat(store: Store, run_id: str) -> None:
+    """Tell waiting claimants that the winner of a claim is still at work."""
+    set_tags(store, run_id, {HEARTBEAT_TAG: f"{time.time():.0f}"})
+
+
+@contextlib.contextmanager
+def keep_alive(store: Store, run_id: str, every_s: float = 60.0) -> Iterator[None]:
+    """Send `heartbeat`s from a background thread while the body (the training) runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                heartbeat(store, run_id)
+            except Exception as err:  # noqa: BLE001 - a lost heartbeat must not kill the training
+                log.warning("heartbeat of run %s failed: %s", run_id, err)
+
+    thread = threading.Thread(target=beat, name=f"bdlab-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def claim_attacked(
+    store: Store,
+    key: str,
+    label: str,
+    tags: Mapping[str, Any],
+    wait_s: float = 3600,
+    poll_s: float = 2.0,
+    stale_s: float = 600.0,
+) -> tuple[str, bool]:
+    """(run id, True) when this caller must train the attacked model `key` into the returned run;
+    (run id of the finished model, False) when it exists or another process trained it meanwhile.
+    Raises ClaimTimeout after `wait_s` seconds of waiting for another process."""
+    client = store.client()
+    experiment = store.experiment_id(ATTACK_EXPERIMENT)
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = find_attacked(store, key)
+        if found:
+            return found, False
+        now = f"{time.time():.0f}"
+        run = client.create_run(
+            experiment,
+            tags=_tag_values(
+                {KIND_TAG: "attack", **tags, KEY_TAG: key, CLAIM_TAG: uuid.uuid4().hex, HEARTBEAT_TAG: now}
+            ),
+            run_name=label,
+        )
+        me = run.info.run_id
+        try:
+            outcome, winner = _contend(store, key, me, poll_s, stale_s)
+        except BaseException:
+            _withdraw(store, me)
+            raise
+        if outcome == "won":
+            return me, True
+        if winner is not None:  # a finished model appeared meanwhile
+            return winner, False
+        finished = _wait_for_claims(store, key, deadline, poll_s, stale_s)
+        if finished is not None:
+            return finished, False
+        time.sleep(random.uniform(0, poll_s))  # the winner failed or vanished: retry, out of step
+
+
+def _contend(store: Store, key: str, me: str, poll_s: float, stale_s: float) -> tuple[str, str | None]:
+    """("won", None), or ("lost", finished run id or None) after withdrawing our claim `me`."""
+    confirm_until = time.monotonic() + max(10.0, 5 * poll_s)
+    while True:
+        finished, live = _claims(store, key, stale_s, keep=me)
+        if finished:
+            _withdraw(store, me)
+            return "lost", finished
+        if me not in [r.info.run_id for r in live]:  # our claim was ended by someone else
+            _withdraw(store, me)
+            return "lost", None
+        if len(live) == 1:
+            return "won", None
+        first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
+        if first.info.run_id != me or time.monotonic() > confirm_until:
+            _withdraw(store, me)
+            return "lost", None
+        time.sleep(min(poll_s, 0.25))  # we are first: wait for the others to withdraw
+
+
+def _wait_for_claims(store: Store, key: str, deadline: float, poll_s: float, stale_s: float) -> str | None:
+    """Poll until a run with `key` finishes (its id) or no live claim is left (None)."""
+    while True:
+        finished, live = _claims(store, key, stale_s)
+        if finished:
+            return finished
+        if not live:
+            return None
+        if time.monotonic() > deadline:
+            raise ClaimTimeout(
+                f"attacked model {key}: still being trained by run {live[0].info.run_id} "
+                f"in {store.tracking_uri}; waited longer than wait_s"
+            )
+        time.sleep(poll_s)
+
+
+def _claims(store: Store, key: str, stale_s: float, keep: str | None = None) -> tuple[str | None, list]:
+    """(the oldest FINISHED run id or None, the live RUNNING claims, oldest first). Claims without a
+    heartbeat for `stale_s` seconds are ended as KILLED (their process is gone)."""
+    runs = find_runs(
+        store, [store.experiment_id(ATTACK_EXPERIMENT)], {KEY_TAG: key}, ("RUNNING", "FINISHED")
+    )[::-1]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id, []
+    live = []
+    now = time.time()
+    for run in runs:
+        beat = run.data.tags.get(HEARTBEAT_TAG)
+        last = float(beat) if beat else run.info.start_time / 1000
+        if run.info.run_id != keep and now - last > stale_s:
+            log.warning(
+                "attacked model %s: claim %s sent no heartbeat for %.0f s; ending it",
+                key,
+                run.info.run_id,
+                now - last,
+            )
+            with contextlib.suppress(Exception):
+                finish_run(store, run.info.run_id, "KILLED", {"bdlab.stale": "no heartbeat"})
+            continue
+        live.append(run)
+    return None, live
+
+
+def _withdraw(store: Store, run_id: str) -> None:
+    """Delete our claim run (so it is no candidate and does not count as an attacked model)."""
+    client = store.client()
+    try:
+        client.delete_run(run_id)
+    except Exception:  # noqa: BLE001 - best effort: at least end it
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "KILLED")
+
+
+# --- moving attacked-model folders -----------------------------------------------------------------
+
+
+def log_attacked(store: Store, run_id: str, folder: str | Path) -> None:
+    """Upload an attacked-model folder (from `trials.run.save_attack_result`) into the claim's run."""
+    log_folder(store, run_id, folder, ATTACKED_ARTIFACT)
+    set_tags(store, run_id, {CODE_TAG: code_version()})
+
+
+def fetch_attacked(store: Store, run_id: str, dest_root: str | Path) -> Path:
+    """The run's attacked-model folder, downloaded once into dest_root/<key>/ (atomically: into a
+    temporary folder, then renamed) and reused afterwards. Loadable by `trials.run.load_attacked`."""
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    key = store.client().get_run(run_id).data.tags.get(KEY_TAG) or run_id
+    target = dest_root / key
+    if _complete(target):
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest_root))
+    try:
+        folder = download_folder(store, run_id, ATTACKED_ARTIFACT, tmp)
+        if not _complete(folder):
+            raise BdlabError(
+                f"attacked model {key}: run {run_id} holds no complete {ATTACKED_ARTIFACT!r} folder "
+                f"in {store.tracking_uri}"
+            )
+        if target.exists() and not _complete(target):  # a leftover that is not ours to trust
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(folder, target)
+        except OSError:
+            if not _complete(target):  # not a concurrent download that got there first
+                raise
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(folder: Path) -> bool:
+    from trials.run import ATTACKED_FILES
+
+    return folder.is_dir() and all((folder / f).is_file() for f in ATTACKED_FILES)

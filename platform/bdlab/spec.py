@@ -1,0 +1,615 @@
+"""Sweep specs: a YAML file -> a validated `SweepSpec` of attack cells and defense entries.
+
+    name: quickstart
+    datasets: [digits]
+    models: [mini_resnet]
+    attacks: [{name: badnets, params: {ratio: [0.05, 0.1]}}, blended]
+    defaults: {preset: cpu, trials: 3}
+    defenses: [dhbe, bcu, clp, ft]
+
+The format is described in `search_spaces/README.md`. Every name, parameter, preset and search
+distribution is checked here, and every defense's default configuration (preset + fixed) is resolved
+through the defense's typed parameters, so a bad spec fails at load time with one line naming the file,
+the path inside it, the value and what is allowed, never inside a trial.
+
+Phase 1 of a sweep trains one attacked model per `AttackCell` (datasets x models x attack grid points x
+seeds); phase 2 runs one Optuna study per `DefenseCell` (attack cell x defense entry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import json
+import re
+import typing
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bdlab.spaces import Distribution, at, display_path, field_kind_of, load_space, parse_space, read_yaml
+from trials.errors import InvalidValue
+from trials.params import as_dict, resolve_params
+
+TOP_KEYS = (
+    "name",
+    "datasets",
+    "models",
+    "attacks",
+    "seeds",
+    "attack_training",
+    "defaults",
+    "defenses",
+    "objectives",
+    "sampler",
+    "resources",
+    "failure",
+    "device",
+    "plugins",
+)
+REQUIRED_KEYS = ("name", "datasets", "models", "attacks", "defenses")
+DATASET_KEYS = ("name", "params", "root")
+ATTACK_KEYS = ("name", "params")
+DEFENSE_KEYS = ("name", "preset", "fixed", "space", "trials")
+DEFAULTS_KEYS = ("preset", "space", "trials")
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+DIRECTIONS = ("max", "min")
+DEFAULT_OBJECTIVES = {"acc": "max", "asr": "min"}
+DEFAULT_TRIALS = 4
+DEFAULT_RESOURCES = {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 1, "gpu": 0}}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# --- the spec ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One attacked model to train (or reuse): dataset x model x attack params x seed.
+
+    `dataset_params` and `attack_params` hold only the values the spec sets (typed); `identity()`
+    fills in every default.
+    """
+
+    dataset: str
+    dataset_params: dict[str, Any]
+    data_root: str | None
+    model: str
+    attack: str
+    attack_params: dict[str, Any]
+    seed: int
+    training: dict[str, Any]  # TrainRecipe overrides; "epochs" among them
+
+    def attack_spec(self, device: str = "auto") -> Any:
+        from trials.run import AttackSpec
+
+        recipe = {k: v for k, v in self.training.items() if k != "epochs"}
+        return AttackSpec(
+            dataset=self.dataset,
+            model=self.model,
+            attack=self.attack,
+            attack_params=dict(self.attack_params),
+            dataset_params=dict(self.dataset_params),
+            data_root=self.data_root,
+            seed=self.seed,
+            epochs=self.training.get("epochs"),
+            recipe=recipe,
+            device=device,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """Fully explicit, JSON-able description (every default filled in, keys sorted): what the
+        attacked model depends on, for cache keys. Laid out like the `spec.yaml` of `bdlab attack`."""
+        from trials.attacks import ATTACKS
+        from trials.data import make_dataset
+        from trials.run import resolve_recipe
+
+        dataset = make_dataset(self.dataset, self.dataset_params, self.data_root)
+        attack_params = resolve_params(ATTACKS.get(self.attack).Params, self.attack_params, owner="attack")
+        return _sorted(
+            {
+                "dataset": {
+                    "name": self.dataset,
+                    "params": {**as_dict(dataset.split), **as_dict(dataset.params)},
+                    "root": self.data_root,
+                },
+                "model": self.model,
+                "attack": {"name": self.attack, "params": as_dict(attack_params)},
+                "seed": self.seed,
+                "recipe": as_dict(resolve_recipe(self.attack_spec())),
+            }
+        )
+
+    @property
+    def label(self) -> str:
+        """Short and human: `digits/mini_resnet/badnets(ratio=0.05)/s0`."""
+        return (
+            f"{self.dataset}{_args(self.dataset_params)}/{self.model}/"
+            f"{self.attack}{_args(self.attack_params)}/s{self.seed}"
+        )
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    """One defense of the sweep: its default configuration (preset + fixed) and its search space."""
+
+    name: str
+    preset: str | None
+    fixed: dict[str, Any]
+    space: dict[str, Distribution]
+    trials: int  # per defense cell, the default configuration included
+    space_source: str = "inline"  # "default" (the defense's space file), "none" or "inline"
+
+    def default_params(self) -> dict[str, Any]:
+        """Preset values merged with `fixed`: the full override dict of the default trial (what
+        `DefenseSpec.params` gets with `preset=None`). A trial's params are this updated with the
+        sampled values."""
+        from trials.presets import load_preset
+
+        return {**(load_preset(self.name, self.preset) if self.preset else {}), **self.fixed}
+
+
+@dataclass(frozen=True)
+class DefenseCell:
+    """One Optuna study: a defense searched on one attacked model."""
+
+    attack: AttackCell
+    defense: DefenseEntry
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack.label} :: {self.defense.name}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    attack_cells: list[AttackCell]
+    defenses: list[DefenseEntry]
+    objectives: dict[str, str]  # metric -> "max" | "min", in order (the study's directions)
+    sampler: dict[str, Any]  # {"name": tpe | random | gp | nsga2, "seed": int}
+    resources: dict[str, dict[str, float]]  # {"attack": {"cpu", "gpu"}, "defense": {"cpu", "gpu"}}
+    failure: dict[str, Any]  # {"max_retries": int}
+    device: str
+    source: str = "<inline>"
+    plugins: list[str] = dataclasses.field(default_factory=list)  # modules registering extra components
+
+    def defense_cells(self) -> list[DefenseCell]:
+        """Attack cells x defenses, in spec order."""
+        return [DefenseCell(a, d) for a in self.attack_cells for d in self.defenses]
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    source = display_path(path)
+    if not path.is_file():
+        raise InvalidValue("sweep", str(path), "no such file")
+    return parse_sweep(read_yaml(path, source), source)
+
+
+def parse_sweep(data: Any, source: str = "<inline>") -> SweepSpec:
+    """Validate a sweep mapping (as read from YAML); errors are located as `<source>: <path>`."""
+    data = _mapping(data, source, TOP_KEYS, REQUIRED_KEYS, what="a sweep")
+    plugins = _plugins(data.get("plugins") or [], at(source, "plugins"))
+    name = data["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidValue(at(source, "name"), name, "letters, digits, '_', '.' and '-' only (at least one)")
+    seeds = _seeds(data.get("seeds", [0]), at(source, "seeds"))
+    training = _training(data.get("attack_training") or {}, at(source, "attack_training"))
+    datasets = _datasets(data["datasets"], at(source, "datasets"))
+    models = _models(data["models"], at(source, "models"))
+    attacks = _attacks(data["attacks"], at(source, "attacks"))
+    cells = _attack_cells(datasets, models, attacks, seeds, training, source)
+    defaults = _mapping(data.get("defaults") or {}, at(source, "defaults"), DEFAULTS_KEYS)
+    defenses = _defenses(data["defenses"], defaults, source)
+    return SweepSpec(
+        name=name,
+        attack_cells=cells,
+        defenses=defenses,
+        objectives=_objectives(data.get("objectives", DEFAULT_OBJECTIVES), at(source, "objectives")),
+        sampler=_sampler(data.get("sampler") or {}, at(source, "sampler")),
+        resources=_resources(data.get("resources") or {}, at(source, "resources")),
+        failure=_failure(data.get("failure") or {}, at(source, "failure")),
+        device=_device(data.get("device", "auto"), at(source, "device")),
+        source=source,
+        plugins=plugins,
+    )
+
+
+def _plugins(raw: Any, where: str) -> list[str]:
+    """Import the modules that register a researcher's own components, before any name is checked
+    (the sweep imports them again in every worker)."""
+    if not isinstance(raw, list):
+        raise InvalidValue(where, raw, "expected a list of importable module names")
+    for i, module in enumerate(raw):
+        if not isinstance(module, str) or not module:
+            raise InvalidValue(at(where, i), module, "expected a module name, e.g. my_defenses")
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # any failure of a user's module, reported on one line
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise InvalidValue(at(where, i), module, f"cannot be imported ({reason})") from None
+    return list(raw)
+
+
+# --- phase 1: attack cells --------------------------------------------------------------------------
+
+
+def _datasets(raw: Any, where: str) -> list[tuple[str, list[dict[str, Any]], str | None]]:
+    from trials.data import DATASETS, SplitParams, make_dataset
+
+    out = []
+    for i, entry in enumerate(_nonempty_list(raw, where)):
+        loc = at(where, i)
+        entry = _entry(entry, loc, DATASET_KEYS)
+        name = _registered(DATASETS, entry["name"], at(loc, "name"))
+        root = entry.get("root")
+        if root is not None and not isinstance(root, str):
+            raise InvalidValue(at(loc, "root"), root, "expected a path (string)")
+        cls = DATASETS.get(name)
+        params_cls = [SplitParams, cls.Params]
+        points = expand_grid(params_cls, entry.get("params") or {}, at(loc, "params"), f"dataset {name}")
+        for point in points:
+            with _located(at(loc, "params"), keep_field=True):
+                make_dataset(name, point, root)
+        out.append((name, points, root))
+    return out
+
+
+def _models(raw: Any, where: str) -> list[str]:
+    from trials.models import MODELS
+
+    return [_registered(MODELS, m, at(where, i)) for i, m in enumerate(_nonempty_list(raw, where))]
+
+
+def _attacks(raw: Any, where: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    from trials.attacks import ATTACKS
+
+    out = []
+    for i, entry in enumerate(_nonempty_list(raw, where)):
+        loc = at(where, i)
+        entry = _entry(entry, loc, ATTACK_KEYS)
+        name = _registered(ATTACKS, entry["name"], at(loc, "name"))
+        points = expand_grid(
+            [ATTACKS.get(name).Params], entry.get("params") or {}, at(loc, "params"), f"attack {name}"
+        )
+        out.append((name, points))
+    return out
+
+
+def _attack_cells(
+    datasets: list[tuple[str, list[dict[str, Any]], str | None]],
+    models: list[str],
+    attacks: list[tuple[str, list[dict[str, Any]]]],
+    seeds: list[int],
+    training: dict[str, Any],
+    source: str,
+) -> list[AttackCell]:
+    cells: list[AttackCell] = []
+    seen: set[str] = set()
+    dataset_axis = [(name, point, root) for name, points, root in datasets for point in points]
+    attack_axis = [(name, point) for name, points in attacks for point in points]
+    for (dataset, dataset_params, root), model, (attack, attack_params), seed in itertools.product(
+        dataset_axis, models, attack_axis, seeds
+    ):
+        cell = AttackCell(dataset, dataset_params, root, model, attack, attack_params, seed, dict(training))
+        key = json.dumps(cell.identity(), sort_keys=True)
+        if key in seen:
+            raise InvalidValue(
+                at(source, "attacks"),
+                cell.label,
+                "each attacked model may appear once, and this one appears twice (check datasets, "
+                "models, attacks and seeds for duplicates, defaults included)",
+            )
+        seen.add(key)
+        cells.append(cell)
+    return cells
+
+
+def expand_grid(params_classes: list[type], raw: Any, where: str, owner: str) -> list[dict[str, Any]]:
+    """Expand `{param: value | [values]}` into grid points of typed values (the spec's values only).
+
+    A list is a grid of values, except for a list-typed param, whose grid is a list of lists.
+    """
+    raw = _mapping(raw, where, None)
+    fields: dict[str, tuple[dataclasses.Field, Any, type]] = {}
+    for cls in params_classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            fields[f.name] = (f, hints[f.name], cls)
+    axes: list[list[Any]] = []
+    for name, value in raw.items():
+        if name not in fields:
+            raise InvalidValue(
+                where, name, f"{owner} has the parameters: {', '.join(sorted(fields)) or 'none'}"
+            )
+        f, hint, cls = fields[name]
+        list_typed = field_kind_of(hint)[0] == "list"
+        is_grid = isinstance(value, list) and (
+            not list_typed or (bool(value) and all(isinstance(v, list) for v in value))
+        )
+        values = value if is_grid else [value]
+        if not values:
+            raise InvalidValue(at(where, name), value, "an empty list: give one value or a list of values")
+        typed = []
+        for v in values:
+            with _located(at(where, name)):
+                typed.append(as_dict(resolve_params(cls, {name: v}, owner=owner))[name])
+        axes.append(typed)
+    points = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*axes)]
+    for point in points:
+        for cls in params_classes:
+            own = {k: v for k, v in point.items() if fields[k][2] is cls}
+            with _located(where, keep_field=True):
+                resolve_params(cls, own, owner=owner)
+    return points
+
+
+def _training(raw: Any, where: str) -> dict[str, Any]:
+    from trials.training import TrainRecipe
+
+    raw = _mapping(raw, where, [f.name for f in dataclasses.fields(TrainRecipe)])
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None and name == "epochs":
+            continue  # the dataset's recipe
+        with _located(at(where, name)):
+            out[name] = as_dict(resolve_params(TrainRecipe, {name: value}, owner="attack_training"))[name]
+    return out
+
+
+def _seeds(raw: Any, where: str) -> list[int]:
+    seeds = _nonempty_list(raw, where)
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidValue(at(where, i), seed, "expected an integer >= 0")
+        if seed in seeds[:i]:
+            raise InvalidValue(at(where, i), seed, "each seed may appear once")
+    return list(seeds)
+
+
+# --- phase 2: defenses ------------------------------------------------------------------------------
+
+
+def _defenses(raw: Any, defaults: dict[str, Any], source: str) -> list[DefenseEntry]:
+    from trials.defenses import DEFENSES
+
+    where = at(source, "defenses")
+    out: list[DefenseEntry] = []
+    for i, entry in enumerate(_nonempty_list(raw, where)):
+        loc = at(where, i)
+        entry = _entry(entry, loc, DEFENSE_KEYS)
+        name = _registered(DEFENSES, entry["name"], at(loc, "name"))
+        if any(d.name == name for d in out):
+            raise InvalidValue(
+                at(loc, "name"),
+                name,
+                "each defense may appear once (search several configurations in its space)",
+            )
+        out.append(_defense(name, entry, defaults, loc, source))
+    return out
+
+
+def _defense(
+    name: str, entry: dict[str, Any], defaults: dict[str, Any], loc: str, source: str
+) -> DefenseEntry:
+    def setting(key: str, fallback: Any) -> tuple[Any, str]:
+        """The entry's value, else the `defaults:` one, else the fallback; with where it was written."""
+        if key in entry:
+            return entry[key], at(loc, key)
+        if key in defaults:
+            return defaults[key], at(at(source, "defaults"), key) + f" (for {loc.split(': ', 1)[-1]})"
+        return fallback, at(loc, key)
+
+    preset = _preset(name, *setting("preset", None))
+    fixed = _fixed(name, entry.get("fixed") or {}, at(loc, "fixed"))
+    space_raw, space_at = setting("space", "default")
+    space, space_source = _space(name, space_raw, space_at, fixed, at(loc, "fixed"))
+    trials, trials_at = setting("trials", DEFAULT_TRIALS)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise InvalidValue(
+            trials_at, trials, "expected an integer >= 1 (trials per defense cell, default config included)"
+        )
+    if not space:
+        if "trials" in entry and trials > 1:
+            raise InvalidValue(trials_at, trials, "an empty space runs only the default configuration: 1")
+        trials = 1
+    defense = DefenseEntry(name, preset, fixed, space, trials, space_source)
+    _check_default_config(defense, loc)
+    return defense
+
+
+def _preset(name: str, preset: Any, where: str) -> str | None:
+    from trials.presets import available_presets
+
+    if preset is not None and preset not in available_presets(name):
+        allowed = ", ".join(available_presets(name)) or "none"
+        raise InvalidValue(where, preset, f"presets of {name}: {allowed} (search_spaces/presets/{name}.yaml)")
+    return preset
+
+
+def _fixed(name: str, raw: Any, where: str) -> dict[str, Any]:
+    from trials.defenses import DEFENSES
+
+    params_cls = DEFENSES.get(name).Params
+    fields = params_cls.__dataclass_fields__
+    fixed: dict[str, Any] = {}
+    for key, value in _mapping(raw, where, None).items():
+        if key not in fields:
+            raise InvalidValue(where, key, f"defense {name} has the parameters: {', '.join(sorted(fields))}")
+        with _located(at(where, key)):
+            fixed[key] = as_dict(resolve_params(params_cls, {key: value}, owner=f"defense {name}"))[key]
+    return fixed
+
+
+def _space(
+    name: str, raw: Any, where: str, fixed: dict[str, Any], fixed_at: str
+) -> tuple[dict[str, Distribution], str]:
+    """(space, source): the default file minus the fixed params, none, or an inline mapping."""
+    if raw == "default":
+        return {k: dist for k, dist in load_space(name).items() if k not in fixed}, "default"
+    if raw == "none" or raw is None:
+        return {}, "none"
+    if not isinstance(raw, Mapping):
+        raise InvalidValue(where, raw, "default, none, or a mapping param -> distribution")
+    space = parse_space(name, raw, where)
+    both = [k for k in space if k in fixed]
+    if both:
+        raise InvalidValue(fixed_at, both[0], "searched by the space (inline) and fixed at once")
+    return space, "inline"
+
+
+def _check_default_config(defense: DefenseEntry, loc: str) -> None:
+    """Resolve the default configuration (preset + fixed) through the defense, so a bad combination
+    fails now rather than in a trial. (It need not be a point of the space: the study records the
+    values the space can hold; the shipped default spaces hold the paper defaults and the presets.)"""
+    from trials.run import DefenseSpec, resolve_defense
+
+    with _located(loc, keep_field=True):
+        resolve_defense(DefenseSpec(defense.name, defense.default_params()))
+
+
+# --- study settings ---------------------------------------------------------------------------------
+
+
+def _objectives(raw: Any, where: str) -> dict[str, str]:
+    from trials.metrics import METRIC_KEYS
+
+    raw = _mapping(raw, where, None)
+    if not raw:
+        raise InvalidValue(where, raw, "at least one metric: direction, e.g. {acc: max, asr: min}")
+    for metric, direction in raw.items():
+        if metric not in METRIC_KEYS:
+            raise InvalidValue(where, metric, f"metrics: {', '.join(METRIC_KEYS)}")
+        if direction not in DIRECTIONS:
+            raise InvalidValue(at(where, metric), direction, "max or min")
+    return dict(raw)
+
+
+def _sampler(raw: Any, where: str) -> dict[str, Any]:
+    raw = _mapping(raw, where, ("name", "seed"))
+    name = raw.get("name", "tpe")
+    if name not in SAMPLERS:
+        raise InvalidValue(at(where, "name"), name, f"samplers: {', '.join(SAMPLERS)}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidValue(at(where, "seed"), seed, "expected an integer >= 0")
+    return {"name": name, "seed": seed}
+
+
+def _resources(raw: Any, where: str) -> dict[str, dict[str, float]]:
+    raw = _mapping(raw, where, tuple(DEFAULT_RESOURCES))
+    out = {}
+    for phase, default in DEFAULT_RESOURCES.items():
+        loc = at(where, phase)
+        given = _mapping(raw.get(phase) or {}, loc, ("cpu", "gpu"))
+        cpu, gpu = given.get("cpu", default["cpu"]), given.get("gpu", default["gpu"])
+        for key, value in (("cpu", cpu), ("gpu", gpu)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidValue(at(loc, key), value, "expected a number")
+        if not cpu > 0:
+            raise InvalidValue(at(loc, "cpu"), cpu, "must be > 0")
+        if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
+            raise InvalidValue(at(loc, "gpu"), gpu, "0, a fraction below 1 (a shared GPU), or a whole number")
+        out[phase] = {"cpu": cpu, "gpu": int(gpu) if float(gpu).is_integer() else gpu}
+    return out
+
+
+def _failure(raw: Any, where: str) -> dict[str, Any]:
+    raw = _mapping(raw, where, ("max_retries",))
+    retries = raw.get("max_retries", 1)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidValue(at(where, "max_retries"), retries, "expected an integer >= 0")
+    return {"max_retries": retries}
+
+
+def _device(raw: Any, where: str) -> str:
+    if not isinstance(raw, str) or not DEVICE_PATTERN.fullmatch(raw):
+        raise InvalidValue(where, raw, "auto, cpu, cuda or cuda:N")
+    return raw
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _mapping(
+    raw: Any, where: str, keys: Any, required: tuple[str, ...] = (), what: str = "a mapping"
+) -> dict:
+    """`raw` as a dict; with `keys`, unknown keys are errors listing the valid ones."""
+    if not isinstance(raw, Mapping):
+        raise InvalidValue(where, raw, f"expected {what} (key: value)")
+    if keys is not None:
+        for key in raw:
+            if key not in keys:
+                raise InvalidValue(where, key, f"valid keys: {', '.join(keys)}")
+    for key in required:
+        if key not in raw:
+            raise InvalidValue(where, f"(no {key})", f"required keys: {', '.join(required)}")
+    return dict(raw)
+
+
+def _nonempty_list(raw: Any, where: str) -> list[Any]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidValue(where, raw, "expected a non-empty list")
+    return raw
+
+
+def _entry(raw: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A list entry: a bare name or a mapping with `name`."""
+    if isinstance(raw, str):
+        return {"name": raw}
+    return _mapping(raw, where, keys, ("name",), what="a name or a mapping")
+
+
+def _registered(registry: Any, name: Any, where: str) -> str:
+    if not isinstance(name, str) or name not in registry:
+        raise InvalidValue(where, name, f"registered {registry.family}s: {', '.join(registry.names())}")
+    return name
+
+
+@contextmanager
+def _located(where: str, keep_field: bool = False):  # type: ignore[no-untyped-def]
+    """Re-raise an InvalidValue from `trials` at a location in the spec (keeping its field name
+    in the message when it says more than the location)."""
+    try:
+        yield
+    except InvalidValue as err:
+        allowed = f"{err.field}: {err.allowed}" if keep_field else err.allowed
+        raise InvalidValue(where, err.value, allowed) from None
+
+
+def _args(params: Mapping[str, Any]) -> str:
+    if not params:
+        return ""
+    return "(" + ",".join(f"{k}={_short(params[k])}" for k in sorted(params)) + ")"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sorted(v) for v in value]
+    return value
+
+
+__all__ = [
+    "AttackCell",
+    "DefenseCell",
+    "DefenseEntry",
+    "SweepSpec",
+    "load_sweep",
+    "parse_sweep",
+]

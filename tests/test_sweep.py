@@ -1,0 +1,359 @@
+"""`bdlab sweep` end to end with the real components, started here: a local Ray cluster (2 CPUs and
+one declared, fake GPU), MLflow (a real `mlflow server` on 127.0.0.1 with SQLite, or the local
+SQLite store), Optuna's SQLite storage. Nothing is mocked.
+
+The tiny sweep: BadNets and Blended on 60 digits images (one epoch), times CLP and fine-tuning,
+three trials each, every trial asking 0.5 CPU and 0.25 GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+pytestmark = pytest.mark.sweep
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def tiny_spec(name: str, defenses: list | None = None, attacks: list | None = None) -> dict:
+    return {
+        "name": name,
+        "datasets": [{"name": "digits", "params": {"train_subset": 60, "test_subset": 40}}],
+        "models": ["mini_resnet"],
+        "attacks": attacks
+        or [{"name": "badnets", "params": {"ratio": 0.2}}, {"name": "blended", "params": {"ratio": 0.2}}],
+        "seeds": [0],
+        "attack_training": {"epochs": 1},
+        "plugins": ["sweep_plugins"],
+        "defenses": defenses
+        or [
+            {"name": "clp", "trials": 3},
+            {
+                "name": "ft",
+                "preset": "smoke",
+                "trials": 3,
+                "space": {"lr": {"float": [0.001, 0.05], "log": True}},
+            },
+        ],
+        "resources": {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 0.5, "gpu": 0.25}},
+        "failure": {"max_retries": 1},
+        "device": "cpu",
+    }
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray: 2 CPUs, one declared GPU (logical: trials asking 0.25 run four at a time)."""
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).strip(
+        os.pathsep
+    )
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ["PYTHONPATH"]}},
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def plugin_registry():
+    """`faulty` is registered in this process while a sweep loads it; the registry is restored after,
+    so the contract tests never see it."""
+    from trials.defenses import DEFENSES
+
+    saved = dict(DEFENSES._entries)
+    sys.path.insert(0, str(TESTS))
+    yield
+    sys.path.remove(str(TESTS))
+    DEFENSES._entries.clear()
+    DEFENSES._entries.update(saved)
+    sys.modules.pop("sweep_plugins", None)
+
+
+def attack_runs(store, key: str | None = None):
+    from bdlab.cache import ATTACK_EXPERIMENT
+    from bdlab.tracking import find_runs
+
+    tags = {"bdlab.phase": "attack"} if key is None else {"bdlab.cache_key": key}
+    return find_runs(store, [store.experiment_id(ATTACK_EXPERIMENT)], tags, statuses=("FINISHED",))
+
+
+def defense_runs(store, sweep: str, statuses=("FINISHED", "FAILED", "RUNNING", "KILLED")):
+    from bdlab.tracking import find_runs, sweep_experiment_name
+
+    exp = store.experiment_id(sweep_experiment_name(sweep))
+    return find_runs(store, [exp], {"bdlab.sweep": sweep, "bdlab.phase": "defense"}, statuses=statuses)
+
+
+def max_overlap(runs) -> int:
+    events = sorted(
+        [(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )
+    now = best = 0
+    for _, delta in events:
+        now += delta
+        best = max(best, now)
+    return best
+
+
+def test_tiny_sweep_records_everything_and_resumes_from_cache(
+    ray_cluster, mlflow_server_uri, tmp_path, plugin_registry, capsys
+):
+    from bdlab.studies import DEFAULT_ATTR
+    from bdlab.sweep import run_sweep
+    from bdlab.tracking import Store
+
+    spec_path = write_spec(tmp_path, tiny_spec("tiny"))
+    results = tmp_path / "results"
+    summary = run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
+    store = Store.open(results, mlflow_server_uri)
+    client = store.client()
+
+    # MLflow: one parent run, 12 child runs nested under it, with metrics, tags and artifacts
+    children = defense_runs(store, "tiny")
+    assert len(children) == 12
+    parents = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["bdlab.kind"] == "sweep" and parent.data.tags["bdlab.sweep"] == "tiny"
+    for r in children:
+        assert r.info.status == "FINISHED"
+        patch_only = ("asr_x4", "asr_x5", "asr_x9") if r.data.tags["bdlab.attack"] == "badnets" else ()
+        for m in ("acc", "asr", "asr_cond", "ra", "seconds", "val_acc", "val_asr", *patch_only):
+            assert m in r.data.metrics, m
+        for t in (
+            "bdlab.sweep",
+            "bdlab.phase",
+            "bdlab.dataset",
+            "bdlab.model",
+            "bdlab.attack",
+            "bdlab.defense",
+            "bdlab.cell",
+            "bdlab.cache_key",
+            "bdlab.study",
+            "bdlab.status",
+        ):
+            assert r.data.tags.get(t), t
+        assert r.data.tags["bdlab.status"] == "complete"
+        files = {f.path for f in client.list_artifacts(r.info.run_id, "defended")}
+        assert {
+            "defended/model.safetensors",
+            "defended/spec.yaml",
+            "defended/metrics.json",
+            "defended/trigger.png",
+        } <= files
+    history = client.get_metric_history(children[0].info.run_id, "val_acc")
+    assert len(history) >= 1  # step-wise
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "summary.json", "tiny.parquet"} <= parent_files
+    assert len(client.list_artifacts(parent.info.run_id, "pareto")) == 4
+
+    # the fake GPU: trials asking 0.25 ran four at a time, never more
+    assert max_overlap(children) == 4
+
+    # Optuna: one study per cell, 3 complete trials each, the default configuration first
+    studies = optuna.get_all_study_summaries(store.optuna_url)
+    assert len(studies) == 4
+    for s in studies:
+        study = optuna.load_study(study_name=s.study_name, storage=store.optuna_url)
+        trials = study.get_trials()
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+        assert trials[0].user_attrs.get(DEFAULT_ATTR) is True
+        assert all(len(t.values) == 2 for t in trials)
+    assert len(summary["cells"]) == 4 and all(c["default"] for c in summary["cells"])
+
+    # the attacked models: two trained, found again by cache key
+    keys = {r.data.tags["bdlab.cache_key"] for r in children}
+    assert len(keys) == 2 and all(len(attack_runs(store, k)) == 1 for k in keys)
+    printed = capsys.readouterr().out
+
+    # re-running: no attacked model trained, no trial repeated, the same summary
+    started = time.monotonic()
+    again = run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
+    assert time.monotonic() - started < 60
+    assert len(defense_runs(store, "tiny")) == 12
+    assert all(len(attack_runs(store, k)) == 1 for k in keys)
+    assert again["cells"] == summary["cells"]
+    table = lambda text: text[text.index("| cell |") : text.index("results table")]  # noqa: E731
+    assert table(capsys.readouterr().out) == table(printed)
+
+    # --fresh: every defense trial again (a new generation), still no attacked model trained
+    run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster, fresh=True)
+    runs = defense_runs(store, "tiny")
+    assert len(runs) == 24
+    assert {r.data.tags["bdlab.generation"] for r in runs} == {"1", "2"}
+    assert all(len(attack_runs(store, k)) == 1 for k in keys)
+    assert len(attack_runs(store)) == 2
+
+
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path, plugin_registry):
+    from bdlab.sweep import run_sweep
+    from bdlab.tracking import Store
+
+    spec = tiny_spec(
+        "faults",
+        attacks=[{"name": "badnets", "params": {"ratio": 0.2}}],
+        defenses=[
+            {"name": "clp", "trials": 2},
+            # the default trial (mode ok) completes; the sampled ones raise or return NaN weights
+            {"name": "faulty", "trials": 3, "space": {"mode": {"choice": ["raise", "nan"]}}},
+        ],
+    )
+    results = tmp_path / "results"
+    summary = run_sweep(write_spec(tmp_path, spec), results=results, address=ray_cluster)
+    store = Store.open(results)
+    runs = defense_runs(store, "faults")
+    assert len(runs) == 5  # a retried trial keeps its one run
+    by_defense = {}
+    for r in runs:
+        by_defense.setdefault(r.data.tags["bdlab.defense"], []).append(r)
+    assert all(r.info.status == "FINISHED" for r in by_defense["clp"])
+    failed = [r for r in by_defense["faulty"] if r.info.status == "FAILED"]
+    assert len(failed) == 2
+    reasons = {r.data.tags["bdlab.failure"] for r in failed}
+    assert all(
+        "RuntimeError: faulty defense asked to fail" in x or "non-finite weights" in x for x in reasons
+    )
+    cells = {c["cell"].split(" :: ")[1]: c for c in summary["cells"]}
+    assert (cells["clp"]["complete"], cells["clp"]["failed"]) == (2, 0)
+    assert (cells["faulty"]["complete"], cells["faulty"]["failed"]) == (1, 2)
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(results / "faults.parquet").to_pylist()
+    assert len(table) == 5
+    assert sorted(r["status"] for r in table) == ["complete"] * 3 + ["failed"] * 2
+    assert all(r["failure"] for r in table if r["status"] == "failed")
+
+
+def _sweep_process(spec_path: Path, results: Path, address: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bdlab.cli",
+            "sweep",
+            str(spec_path),
+            "--results",
+            str(results),
+            "--address",
+            address,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def test_killed_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, plugin_registry):
+    from bdlab.sweep import run_sweep
+    from bdlab.tracking import Store
+
+    spec = tiny_spec(
+        "resume",
+        attacks=[{"name": "badnets", "params": {"ratio": 0.2}}],
+        defenses=[
+            {
+                "name": "ft",
+                "preset": "smoke",
+                "trials": 6,
+                "space": {"lr": {"float": [0.001, 0.05], "log": True}},
+            }
+        ],
+    )
+    spec_path, results = write_spec(tmp_path, spec), tmp_path / "results"
+    proc = _sweep_process(spec_path, results, ray_cluster, tmp_path / "first.log")
+    optuna_db = results / "optuna.db"
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if optuna_db.exists():
+            try:
+                studies = optuna.get_all_study_summaries(f"sqlite:///{optuna_db}")
+                done = sum(s.n_trials for s in studies)
+                study = optuna.load_study(study_name=studies[0].study_name, storage=f"sqlite:///{optuna_db}")
+                complete = sum(t.state.name == "COMPLETE" for t in study.get_trials())
+            except Exception:
+                continue
+            if complete >= 2 and done >= 4:
+                break
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep, trials in flight
+    proc.wait()
+
+    run_sweep(spec_path, results=results, address=ray_cluster)
+    store = Store.open(results)
+    study = optuna.load_study(
+        study_name=optuna.get_all_study_summaries(store.optuna_url)[0].study_name, storage=store.optuna_url
+    )
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(6))
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    runs = defense_runs(store, "resume")
+    assert sorted(int(r.data.tags["bdlab.trial"]) for r in runs) == list(range(6))
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_two_sweeps_at_once_train_a_shared_attacked_model_once(ray_cluster, mlflow_server_uri, tmp_path):
+    """Two drivers (processes) on one tracking server need the same attacked model at the same time."""
+    from bdlab.tracking import Store
+
+    procs = []
+    for name in ("race_a", "race_b"):
+        spec = tiny_spec(
+            name,
+            attacks=[{"name": "badnets", "params": {"ratio": 0.25}}],
+            defenses=[{"name": "clp", "trials": 1}],
+        )
+        spec.pop("plugins")
+        path = write_spec(tmp_path, spec)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server_uri}
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bdlab.cli",
+                    "sweep",
+                    str(path),
+                    "--results",
+                    str(tmp_path / name),
+                    "--address",
+                    ray_cluster,
+                ],
+                stdout=(tmp_path / f"{name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        )
+    for p, name in zip(procs, ("race_a", "race_b"), strict=True):
+        assert p.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    store = Store.open(tmp_path / "race_a", mlflow_server_uri)
+    keys = {r.data.tags["bdlab.cache_key"] for n in ("race_a", "race_b") for r in defense_runs(store, n)}
+    assert len(keys) == 1
+    assert len(attack_runs(store, keys.pop())) == 1

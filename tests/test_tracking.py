@@ -1,0 +1,407 @@
+"""The tracking store (MLflow + Optuna DB), attacked-model cache keys and the race-free claim, against
+real components: a local SQLite store and a real `mlflow server` on loopback (conftest fixtures)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from bdlab import cache, tracking
+from bdlab.tracking import Store
+
+from trials.errors import InvalidValue
+
+
+@pytest.fixture(params=["local", "server"])
+def store(request) -> Store:
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def small_folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "spec.yaml").write_text("note: not a model\n")
+    (path / "sub").mkdir(exist_ok=True)
+    (path / "sub" / "x.txt").write_text("x")
+    return path
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def test_open_creates_the_local_store_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    results = tmp_path / "results"
+    store = Store.open(results)
+    assert store.results == results.resolve()
+    assert store.tracking_uri == f"sqlite:///{results / 'mlflow.db'}"
+    assert store.optuna_url == f"sqlite:///{results / 'optuna.db'}"
+    assert store.artifact_root == (results / "mlartifacts").as_uri()
+    assert (results / "mlflow.db").is_file() and (results / "optuna.db").is_file()
+    assert Store.open(results) == store  # opening twice is fine
+
+    exp = store.experiment_id("bdlab/some sweep")
+    assert store.experiment_id("bdlab/some sweep") == exp
+    location = store.client().get_experiment(exp).artifact_location
+    assert location == f"{store.artifact_root}/bdlab/some_sweep"
+    assert store.env() == {"MLFLOW_TRACKING_URI": store.tracking_uri}
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # no mlflow.set_experiment behind our back
+
+    import optuna
+
+    study = optuna.create_study(storage=store.optuna_url, study_name="s", directions=["maximize", "minimize"])
+    assert optuna.load_study(study_name="s", storage=store.optuna_url).directions == study.directions
+
+
+def test_open_precedence_and_worker_env(tmp_path, monkeypatch, mlflow_server_uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    remote = Store.open(tmp_path / "a")
+    assert remote.tracking_uri == mlflow_server_uri and remote.artifact_root is None
+    assert remote.env() == {
+        "MLFLOW_TRACKING_URI": mlflow_server_uri,
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "secret",
+    }
+    local_uri = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    assert Store.open(tmp_path / "b", tracking_uri=local_uri).tracking_uri == local_uri  # argument wins
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "/abs/mlruns", "file:///abs/mlruns"])
+def test_open_refuses_file_stores(tmp_path, uri):
+    with pytest.raises(InvalidValue, match="file stores"):
+        Store.open(tmp_path, tracking_uri=uri)
+
+
+def test_experiment_id_race_safe(server_store):
+    name = unique("bdlab/raced")
+    ids: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: ids.append(server_store.experiment_id(name))) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(ids) == 4 and len(set(ids)) == 1
+    assert server_store.client().get_experiment(ids[0]).artifact_location.startswith("mlflow-artifacts:")
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def test_parent_run_reuse_and_generations(store):
+    exp = store.experiment_id(tracking.sweep_experiment_name(unique("sweep")))
+    first = tracking.parent_run(store, exp, "s1", tags={"bdlab.spec": "a"})
+    assert tracking.parent_run(store, exp, "s1") == first
+    assert tracking.parent_run(store, exp, "other") != first
+    tracking.finish_run(store, first)
+    assert tracking.parent_run(store, exp, "s1") == first  # a finished parent is resumed
+    second = tracking.parent_run(store, exp, "s1", fresh=True)
+    assert second != first
+    assert tracking.parent_run(store, exp, "s1") == second  # the newest generation
+    tags = store.client().get_run(second).data.tags
+    assert tags[tracking.GENERATION_TAG] == "2" and tags[tracking.KIND_TAG] == "sweep"
+    assert store.client().get_run(first).data.tags[tracking.GENERATION_TAG] == "1"
+
+
+def test_child_runs_params_metrics_status(store):
+    exp = store.experiment_id(tracking.sweep_experiment_name(unique("sweep")))
+    parent = tracking.parent_run(store, exp, "s")
+    marker = unique("trial")
+    params = {"defense": "clp", "params": {"u": 3.0, "layers": [1, 2]}, "long": "x" * 7000, "empty": {}}
+    child = tracking.start_child_run(store, exp, parent, "clp #0", {"bdlab.trial": marker}, params)
+    for epoch in range(3):
+        tracking.log_metrics(
+            store,
+            child,
+            {"acc": 0.5 + epoch / 10, "asr": None, "loss": float("nan"), "val": {"asr": 0.1}},
+            step=epoch,
+        )
+    tracking.finish_run(store, child, "FAILED", tags={"bdlab.reason": "diverged"})
+
+    run = store.client().get_run(child)
+    assert run.data.tags[tracking.PARENT_TAG] == parent and run.data.tags["bdlab.reason"] == "diverged"
+    assert run.info.status == "FAILED" and run.info.run_name == "clp #0"
+    assert run.data.params["defense"] == "clp" and run.data.params["params.u"] == "3.0"
+    assert run.data.params["params.layers"] == "[1,2]" and run.data.params["empty"] == "{}"
+    assert len(run.data.params["long"]) == 6000 and run.data.params["long"].endswith("...")
+    assert set(run.data.metrics) == {"acc", "val.asr"}  # None and NaN skipped
+    history = store.client().get_metric_history(child, "acc")
+    assert [(m.step, round(m.value, 6)) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 0.5),
+        (1, 0.6),
+        (2, 0.7),
+    ]
+
+    assert tracking.find_runs(store, [exp], {"bdlab.trial": marker}) == []  # default: FINISHED only
+    found = tracking.find_runs(store, None, {"bdlab.trial": marker}, statuses=("FAILED", "FINISHED"))
+    assert [r.info.run_id for r in found] == [child]
+    newer = tracking.start_child_run(store, exp, parent, "clp #1", {"bdlab.trial": marker}, {})
+    tracking.finish_run(store, newer)
+    assert [r.info.run_id for r in tracking.find_runs(store, [exp], {"bdlab.trial": marker}, None)] == [
+        newer,
+        child,
+    ]
+    assert tracking.find_runs(store, [exp], {"bdlab.trial": marker, "bdlab.reason": "nope"}, None) == []
+    with pytest.raises(InvalidValue, match="status"):
+        tracking.finish_run(store, newer, "DONE")
+
+
+def test_log_and_download_folder(store, tmp_path):
+    exp = store.experiment_id(unique("bdlab/folders"))
+    run = store.client().create_run(exp).info.run_id
+    tracking.log_folder(store, run, small_folder(tmp_path / "src"), "things")
+    got = tracking.download_folder(store, run, "things", tmp_path / "dest")
+    assert got == tmp_path / "dest" / "things"
+    assert (got / "spec.yaml").read_text() == "note: not a model\n" and (
+        got / "sub" / "x.txt"
+    ).read_text() == "x"
+
+
+# --- cache keys ----------------------------------------------------------------------------------
+
+CELL = {
+    "dataset": {"name": "digits", "params": {}},
+    "model": "mini_resnet",
+    "attack": {"name": "badnets", "params": {"ratio": 0.1}},
+    "seed": 0,
+}
+
+
+def test_cache_key_stable_and_sensitive(monkeypatch):
+    key = cache.cache_key(CELL)
+    assert len(key) == 20 and int(key, 16) >= 0
+    reordered = dict(reversed(list(CELL.items())))
+    assert cache.cache_key(reordered) == key
+    changed = [
+        {**CELL, "seed": 1},
+        {**CELL, "model": "resnet18"},
+        {**CELL, "attack": {"name": "badnets", "params": {"ratio": 0.2}}},
+        {**CELL, "dataset": {"name": "digits", "params": {"train_subset": 60}}},
+        {**CELL, "extra": None},
+    ]
+    assert len({key, *(cache.cache_key(c) for c in changed)}) == len(changed) + 1
+    assert cache.cache_key(CELL, device_kind="cuda") != key
+    with pytest.raises(InvalidValue, match="cache identity"):
+        cache.cache_key({**CELL, "x": float("nan")})
+
+    monkeypatch.setattr(cache, "_default_code_version", lambda: "0" * 16)
+    assert cache.cache_key(CELL) != key  # new code, new key
+
+
+def test_code_version_over_files(tmp_path):
+    default = cache.code_version()
+    assert len(default) == 16 and cache.code_version() == default
+    assert cache.code_version(cache.CODE_VERSION_FILES, cache._source_root()) == default
+    rel = {p.as_posix() for p in cache.code_files()}
+    assert {"trials/run.py", "trials/training.py", "trials/metrics.py", "trials/attacks/badnets.py"} <= rel
+    assert not any("__pycache__" in p or "defenses" in p for p in rel)
+
+    (tmp_path / "trials" / "models" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "trials" / "models" / "a.py").write_text("A = 1\n")
+    (tmp_path / "trials" / "run.py").write_text("R = 1\n")
+    v1 = cache.code_version(root=tmp_path)
+    (tmp_path / "trials" / "models" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    (tmp_path / "trials" / "defense.py").write_text("not part of an attacked model\n")
+    assert cache.code_version(root=tmp_path) == v1
+    (tmp_path / "trials" / "models" / "a.py").write_text("A = 2\n")
+    assert cache.code_version(root=tmp_path) != v1
+
+
+# --- claiming an attacked model --------------------------------------------------------------------
+
+
+def test_claim_reuse_failure_and_stale_claims(local_store, tmp_path):
+    store, key = local_store, unique("key")
+    run, trained = cache.claim_attacked(store, key, "badnets", {"bdlab.dataset": "digits"}, poll_s=0.1)
+    assert trained and cache.find_attacked(store, key) is None
+    tracking.finish_run(store, run, "FAILED")  # the training failed: the next claimant trains again
+    retry, trained = cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1)
+    assert trained and retry != run
+    cache.heartbeat(store, retry)
+    cache.log_attacked(store, retry, small_folder(tmp_path / "m"))
+    tracking.finish_run(store, retry)
+    assert cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1) == (retry, False)
+    assert cache.find_attacked(store, key) == retry
+    tags = store.client().get_run(retry).data.tags
+    assert (
+        tags[cache.KEY_TAG] == key
+        and tags["bdlab.kind"] == "attack"
+        and tags[cache.CODE_TAG] == cache.code_version()
+    )
+
+    # a claimant that died without a heartbeat for stale_s is ended and replaced
+    key2 = unique("key")
+    dead = (
+        store.client()
+        .create_run(
+            store.experiment_id(cache.ATTACK_EXPERIMENT),
+            tags={cache.KEY_TAG: key2, cache.HEARTBEAT_TAG: f"{time.time() - 100:.0f}"},
+        )
+        .info.run_id
+    )
+    fresh, trained = cache.claim_attacked(store, key2, "badnets", {}, poll_s=0.1, stale_s=30)
+    assert trained and fresh != dead and store.client().get_run(dead).info.status == "KILLED"
+
+
+def test_claim_waits_for_a_live_winner(local_store, tmp_path):
+    store, key = local_store, unique("key")
+    winner, trained = cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1)
+    assert trained
+
+    def train_then_finish() -> None:
+        time.sleep(1.5)
+        cache.log_attacked(store, winner, small_folder(tmp_path / "m"))
+        tracking.finish_run(store, winner)
+
+    thread = threading.Thread(target=train_then_finish)
+    thread.start()
+    started = time.monotonic()
+    assert cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1) == (winner, False)
+    assert time.monotonic() - started > 0.5
+    thread.join()
+
+    stuck = unique("key")
+    assert cache.claim_attacked(store, stuck, "x", {}, poll_s=0.1)[1]  # a live winner that never finishes
+    with pytest.raises(cache.ClaimTimeout, match="still being trained"):
+        cache.claim_attacked(store, stuck, "x", {}, wait_s=0.5, poll_s=0.1)
+
+
+def _claim_in_process(store: Store, key: str, folder: str, barrier, results) -> None:
+    """One claimant in its own process: the winner 'trains' (logs a small folder) and finishes."""
+    try:
+        from bdlab import cache, tracking
+
+        store.client().search_experiments(max_results=1)  # warm up before the start line
+        store.experiment_id(cache.ATTACK_EXPERIMENT)
+        barrier.wait(timeout=300)
+        run_id, trained = cache.claim_attacked(
+            store, key, "race", {"bdlab.test": "race"}, wait_s=300, poll_s=0.2
+        )
+        if trained:
+            time.sleep(1.0)  # the other claimant is waiting meanwhile
+            cache.log_attacked(store, run_id, folder)
+            tracking.finish_run(store, run_id)
+        results.put((run_id, trained))
+    except BaseException as err:  # report, so the test fails with the reason instead of a timeout
+        results.put(("error", repr(err)))
+        raise
+
+
+def _check_one_winner(store: Store, key: str, outcomes: list[tuple[str, bool]]) -> str:
+    assert all(run != "error" for run, _ in outcomes), outcomes
+    assert sorted(trained for _, trained in outcomes) == [False] * (len(outcomes) - 1) + [True], outcomes
+    winner = next(run for run, trained in outcomes if trained)
+    assert {run for run, _ in outcomes} == {winner}
+    assert cache.find_attacked(store, key) == winner
+    exp = store.experiment_id(cache.ATTACK_EXPERIMENT)
+    assert [r.info.run_id for r in tracking.find_runs(store, [exp], {cache.KEY_TAG: key}, statuses=None)] == [
+        winner
+    ]
+    # every loser created a claim (the winner was still training) and withdrew it
+    from mlflow.entities import ViewType
+
+    withdrawn = store.client().search_runs(
+        [exp], f"tags.`{cache.KEY_TAG}` = '{key}'", run_view_type=ViewType.DELETED_ONLY
+    )
+    assert len(withdrawn) >= len(outcomes) - 1
+    return winner
+
+
+def test_claim_race_between_processes(server_store, tmp_path):
+    """Two real processes claim one key against the real server at the same moment: one trains."""
+    key, folder = unique("race"), small_folder(tmp_path / "attacked")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_claim_in_process, args=(server_store, key, str(folder), barrier, results))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=400) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    winner = _check_one_winner(server_store, key, outcomes)
+    assert server_store.client().get_run(winner).info.status == "FINISHED"
+
+
+def test_claim_race_between_threads(server_store, tmp_path):
+    """Four claimants released together (threads: cheap, and as concurrent on the server)."""
+    key, folder = unique("race"), small_folder(tmp_path / "attacked")
+    barrier, outcomes = threading.Barrier(4), []
+
+    def claim() -> None:
+        barrier.wait(timeout=60)
+        run_id, trained = cache.claim_attacked(server_store, key, "race", {}, wait_s=120, poll_s=0.2)
+        if trained:
+            time.sleep(0.5)
+            cache.log_attacked(server_store, run_id, folder)
+            tracking.finish_run(server_store, run_id)
+        outcomes.append((run_id, trained))
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(outcomes) == 4
+    _check_one_winner(server_store, key, outcomes)
+
+
+# --- fetching an attacked model --------------------------------------------------------------------
+
+
+def test_fetch_attacked_model(store, tiny_attacked, tmp_path):
+    """A real attacked-model folder (trials.run) goes up with the claim and comes back loadable."""
+    from trials.run import load_attacked
+
+    key = unique("fetch")
+    run_id, trained = cache.claim_attacked(store, key, "badnets digits", {}, poll_s=0.1)
+    assert trained
+    cache.log_attacked(store, run_id, tiny_attacked.folder)
+    tracking.finish_run(store, run_id)
+
+    folder = cache.fetch_attacked(store, run_id, tmp_path / "cache")
+    assert folder == tmp_path / "cache" / key
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_attacked.folder.iterdir())
+    loaded = load_attacked(folder, "cpu")
+    assert loaded.spec == tiny_attacked.spec and loaded.metrics == tiny_attacked.metrics
+    marker = folder / "kept.txt"
+    marker.write_text("second call reuses the folder")
+    assert cache.fetch_attacked(store, run_id, tmp_path / "cache") == folder and marker.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [key]  # no temporary folder left
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+def test_mlflow_server_starts_and_stops(tmp_path, capsys):
+    import urllib.error
+    import urllib.request
+
+    from bdlab import servers
+
+    with servers.mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art", timeout_s=180) as url:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            assert response.status == 200
+        remote = Store.open(tmp_path / "results", tracking_uri=url)
+        servers.serve_ui(remote)  # a server already is a UI: just say where
+        assert url in capsys.readouterr().out
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
