@@ -48,7 +48,7 @@ def describe(params_cls: type) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": f.name,
-                "type": _type_name(hints[f.name]),
+                "type": type_name(hints[f.name]),
                 "default": default,
                 "doc": f.metadata.get("doc", ""),
                 "allowed": _allowed_text(f, hints[f.name]),
@@ -116,7 +116,7 @@ def coerce(value: Any, hint: Any, field: str) -> Any:
                 return coerce(value, arg, field)
             except InvalidValue as err:
                 errors.append(err)
-        raise errors[0] if errors else InvalidValue(field, value, f"expected {_type_name(hint)}")
+        raise errors[0] if errors else InvalidValue(field, value, f"expected {type_name(hint)}")
     if origin is typing.Literal:
         for choice in args:
             if value == choice or (isinstance(value, str) and str(choice) == value):
@@ -127,7 +127,7 @@ def coerce(value: Any, hint: Any, field: str) -> Any:
         if isinstance(value, str):
             items = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(items, list | tuple):
-            raise InvalidValue(field, value, f"expected a list of {_type_name(args[0])}")
+            raise InvalidValue(field, value, f"expected a list of {type_name(args[0])}")
         inner = args[0] if args else str
         converted = [coerce(v.strip() if isinstance(v, str) else v, inner, field) for v in items]
         return tuple(converted) if origin is tuple else converted
@@ -211,13 +211,14 @@ def _allowed_text(f: dataclasses.Field, hint: Any) -> str:
     return ""
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
+    """A field's type as users write it: float, int | None, list[float]..."""
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return "str"
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+        return " | ".join(type_name(a) for a in typing.get_args(hint))
     if origin in (tuple, list):
         args = typing.get_args(hint)
-        return f"list[{_type_name(args[0]) if args else 'any'}]"
+        return f"list[{type_name(args[0]) if args else 'any'}]"
     return getattr(hint, "__name__", str(hint))

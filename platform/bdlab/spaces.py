@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from trials.errors import InvalidValue
-from trials.params import check_range, coerce
+from trials.params import check_range, coerce, type_name
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE_DIR = ROOT / "search_spaces" / "defenses"
@@ -285,7 +285,7 @@ def parse_distribution(
         raise InvalidValue(
             where,
             dict(spec),
-            f"{owner} has type {_hint_text(hint)}, searched with: {' or '.join(allowed)}",
+            f"{owner} has type {type_name(hint)}, searched with: {' or '.join(allowed)}",
         )
     if kind == "choice":
         return _parse_choice(spec["choice"], field, hint, where, owner, field_kind)
@@ -368,9 +368,9 @@ def _parse_choice(
         loc = at(where, i)
         is_list = isinstance(value, list | tuple)
         if field_kind == "list" and not is_list and value is not None:
-            raise InvalidValue(loc, value, f"{owner} has type {_hint_text(hint)}: each choice must be a list")
+            raise InvalidValue(loc, value, f"{owner} has type {type_name(hint)}: each choice must be a list")
         if field_kind != "list" and is_list:
-            raise InvalidValue(loc, value, f"{owner} has type {_hint_text(hint)}: a choice cannot be a list")
+            raise InvalidValue(loc, value, f"{owner} has type {type_name(hint)}: a choice cannot be a list")
         if isinstance(value, Mapping) or (is_list and not all(isinstance(v, _SCALARS) for v in value)):
             raise InvalidValue(loc, value, "choices are numbers, strings, booleans, null or lists of them")
         try:
@@ -427,18 +427,6 @@ def _allowed_kinds(field_kind: str, field: dataclasses.Field) -> tuple[str, ...]
     if field.metadata.get("choices") is not None:
         return ("choice",)
     return {"float": ("float", "choice"), "int": ("int", "choice")}.get(field_kind, ("choice",))
-
-
-def _hint_text(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return "str"
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_hint_text(a) for a in typing.get_args(hint))
-    if origin in (list, tuple):
-        args = typing.get_args(hint)
-        return f"list[{_hint_text(args[0]) if args else 'any'}]"
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _is_number(value: Any) -> bool:

@@ -86,6 +86,7 @@ class Pending:
     number: int
     params: dict[str, Any]
     default: bool
+    resumed: bool = False  # left RUNNING by an earlier driver
 
 
 @dataclass
@@ -122,6 +123,7 @@ class CellSearcher(Searcher):
                             t.number,
                             json.loads(t.user_attrs[PARAMS_ATTR]),
                             bool(t.user_attrs.get(DEFAULT_ATTR)),
+                            resumed=True,
                         )
                     )
             self.states.append(state)

@@ -101,7 +101,10 @@ def run_sweep(
         spec = load_sweep(spec)
     started = time.monotonic()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Tune's tables
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # our progress lines replace Tune's tables
     store = Store.open(results, tracking_uri, optuna_url)
     exp = store.experiment_id(sweep_experiment_name(spec.name))
     parent = parent_run(store, exp, spec.name, fresh=fresh, tags={"bdlab.spec": spec.source})
@@ -167,7 +170,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
         for key, cell in todo
     ]
     labels = [f"{cell.label} ({_short(key)})" for key, cell in todo]
-    progress = PhaseProgress("attack", len(configs), lambda t: labels[t.config["index"]])
+    progress = PhaseProgress("attack", len(configs), lambda t: labels[t.config["index"]], out=out)
     # the grid index selects the config: Tune's grid would otherwise expand nested dicts into params
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_indexed(attack_trial), configs=configs), res),
@@ -213,6 +216,7 @@ def _run_config(run: SweepRun, phase: str, progress: Any):
 
 def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
     from bdlab.studies import CellSearcher, open_study, study_name
+    from bdlab.trial import open_trial_run
 
     spec, store = run.spec, run.store
     cells = spec.defense_cells()
@@ -222,6 +226,11 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
     res = resources(spec, "defense")
 
     def trial_config(i: int, pending) -> dict[str, Any]:
+        config = describe_trial(i, pending)
+        config["mlflow_run_id"] = open_trial_run(store, config)
+        return config
+
+    def describe_trial(i: int, pending) -> dict[str, Any]:
         cell: DefenseCell = cells[i]
         key = key_of[id(cell)]
         checkpoints = (
@@ -231,6 +240,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
             "study": names[i],
             "number": pending.number,
             "default": pending.default,
+            "resumed": pending.resumed,
             "defense": cell.defense.name,
             "params": pending.params,
             "cell_label": cell.label,
@@ -292,6 +302,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
         total,
         lambda t: f"{t.config['defense']}#{t.config['number']} on {t.config['cell_label'].split(' :: ')[0]}",
         best_line,
+        out=out,
     )
     tuner = tune.Tuner(
         tune.with_resources(defense_trial, res),

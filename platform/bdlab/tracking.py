@@ -217,9 +217,15 @@ def start_child_run(
     return run.info.run_id
 
 
-def log_metrics(store: Store, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log metrics in one batch (nested dicts become "a.b" keys); None, non-finite and non-numeric
-    values are skipped."""
+def log_metrics(
+    store: Store,
+    run_id: str,
+    metrics: Mapping[str, Any],
+    step: int | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> None:
+    """Log metrics (and `tags`) in one batch (nested dicts become "a.b" keys); None, non-finite and
+    non-numeric values are skipped."""
     from mlflow.entities import Metric
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
@@ -230,9 +236,14 @@ def log_metrics(store: Store, run_id: str, metrics: Mapping[str, Any], step: int
             continue
         if math.isfinite(value):
             items.append(Metric(key, float(value), now, int(step or 0)))
+    from mlflow.entities import RunTag
+
+    run_tags = [RunTag(k, v) for k, v in _tag_values(tags or {}).items()]
     client = store.client()
-    for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+    for i in range(0, max(len(items), 1), MAX_METRICS_PER_BATCH):
+        batch = items[i : i + MAX_METRICS_PER_BATCH]
+        if batch or run_tags:
+            client.log_batch(run_id, metrics=batch, tags=run_tags if i == 0 else [])
 
 
 def set_tags(store: Store, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -240,12 +251,19 @@ def set_tags(store: Store, run_id: str, tags: Mapping[str, Any]) -> None:
 
 
 def finish_run(
-    store: Store, run_id: str, status: str = "FINISHED", tags: Mapping[str, Any] | None = None
+    store: Store,
+    run_id: str,
+    status: str = "FINISHED",
+    tags: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> None:
-    """End a run with `status` (FINISHED, FAILED or KILLED), after setting `tags`."""
+    """End a run with `status` (FINISHED, FAILED or KILLED), after logging the final `metrics` and
+    `tags` (one batch: a trial's end costs two calls to the store)."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise InvalidValue("status", status, "one of FINISHED, FAILED, KILLED")
-    if tags:
+    if metrics:
+        log_metrics(store, run_id, metrics, tags=tags)
+    elif tags:
         _log_batch(store, run_id, tags=dict(tags))
     store.client().set_terminated(run_id, status)
 

@@ -64,6 +64,24 @@ def trial_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class StepLogger:
+    """The progress callback of a trial: every record's numbers to MLflow at the next step; with
+    `report_to_tune`, records that carry validation scores also to Tune (the scheduler's view)."""
+
+    def __init__(self, store: Store, run_id: str, report_to_tune: bool = False) -> None:
+        self.store, self.run_id, self.report_to_tune = store, run_id, report_to_tune
+        self.steps = 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.steps += 1
+        numbers = flat_metrics({k: v for k, v in record.items() if k != "phase"})
+        log_metrics(self.store, self.run_id, numbers, step=self.steps)
+        if self.report_to_tune and "val_acc" in numbers:
+            tune.report(
+                {"step": self.steps, "val_acc": numbers["val_acc"], "val_asr": numbers.get("val_asr")}
+            )
+
+
 # --- phase 1: one attacked model --------------------------------------------------------------------
 
 
@@ -88,20 +106,13 @@ def attack_trial(config: dict[str, Any]) -> None:
     if not mine:  # another trial or sweep trained it meanwhile
         tune.report({"trained": 0, "attack_run_id": run_id})
         return
-    step = [0]
-
-    def progress(record: dict[str, Any]) -> None:
-        step[0] += 1
-        numbers = flat_metrics({k: v for k, v in record.items() if k != "phase"})
-        log_metrics(store, run_id, numbers, step=step[0])
-
+    progress = StepLogger(store, run_id)
     try:
         with keep_alive(store, run_id):  # waiting claimants see the training is alive
             result = run_attack(cell.attack_spec(config["device"]), progress=progress)
             with tempfile.TemporaryDirectory() as tmp:
                 log_attacked(store, run_id, save_attack_result(result, Path(tmp) / "attacked"))
-            log_metrics(store, run_id, trial_metrics(result.metrics))
-        finish_run(store, run_id, "FINISHED")
+        finish_run(store, run_id, "FINISHED", metrics=trial_metrics(result.metrics))
     except BaseException as err:
         finish_run(store, run_id, "FAILED", tags={"bdlab.failure": failure_reason(err)})
         raise
@@ -123,21 +134,20 @@ def _attacked(store: Store, config: dict[str, Any]):
     return _LOADED[cache_key]
 
 
-def defense_run(store: Store, config: dict[str, Any]):
-    """The trial's MLflow child run: the one an interrupted earlier attempt opened (returned as
-    it is when it had finished), or a new one."""
-    existing = find_runs(
-        store,
-        [config["experiment_id"]],
-        {"bdlab.study": config["study"], "bdlab.trial": str(config["number"])},
-        statuses=("RUNNING", "FAILED", "KILLED", "FINISHED"),
-    )
-    if existing:
-        run = existing[0]
-        if run.info.status != "FINISHED":
-            store.client().update_run(run.info.run_id, status="RUNNING")
-        return run
-    run_id = start_child_run(
+def open_trial_run(store: Store, config: dict[str, Any]) -> str:
+    """The trial's MLflow child run, opened by the driver as it hands the trial out (so a retry in
+    another actor logs into the same run): the run an earlier driver opened for this trial number
+    when the trial is resumed, else a new one."""
+    if config["resumed"]:
+        existing = find_runs(
+            store,
+            [config["experiment_id"]],
+            {"bdlab.study": config["study"], "bdlab.trial": str(config["number"])},
+            statuses=("RUNNING", "FAILED", "KILLED", "FINISHED"),
+        )
+        if existing:
+            return existing[0].info.run_id
+    return start_child_run(
         store,
         config["experiment_id"],
         config["parent_run_id"],
@@ -145,7 +155,6 @@ def defense_run(store: Store, config: dict[str, Any]):
         tags=config["tags"],
         params={"defense": config["defense"], **config["params"]},
     )
-    return store.client().get_run(run_id)
 
 
 def defense_trial(config: dict[str, Any]) -> None:
@@ -156,20 +165,15 @@ def defense_trial(config: dict[str, Any]) -> None:
     import_plugins(config.get("plugins", []))
     _threads(config["cpu"])
     store = Store(**config["store"])
-    run = defense_run(store, config)
-    run_id = run.info.run_id
-    if run.info.status == "FINISHED" and f"val_{config['objectives'][0]}" in run.data.metrics:
-        # the driver died between this trial's end and its record in the study
-        tune.report({**run.data.metrics, "done": 1, "mlflow_run_id": run_id})
-        return
-    step = [0]
-
-    def progress(record: dict[str, Any]) -> None:
-        step[0] += 1
-        numbers = flat_metrics({k: v for k, v in record.items() if k != "phase"})
-        log_metrics(store, run_id, numbers, step=step[0])
-        if "val_acc" in numbers:  # the scheduler's view of a running trial
-            tune.report({"step": step[0], "val_acc": numbers["val_acc"], "val_asr": numbers.get("val_asr")})
+    run_id = config["mlflow_run_id"]
+    if config["resumed"]:
+        run = store.client().get_run(run_id)
+        if run.info.status == "FINISHED" and f"val_{config['objectives'][0]}" in run.data.metrics:
+            # the driver died between this trial's end and its record in the study
+            tune.report({**run.data.metrics, "done": 1, "mlflow_run_id": run_id})
+            return
+    store.client().update_run(run_id, status="RUNNING")  # a resumed or retried trial's run was ended
+    progress = StepLogger(store, run_id, report_to_tune=True)
 
     try:
         attacked = _attacked(store, config)
@@ -194,8 +198,7 @@ def defense_trial(config: dict[str, Any]) -> None:
             if trigger.exists():
                 shutil.copy(trigger, folder / "trigger.png")
             log_folder(store, run_id, folder, "defended")
-        log_metrics(store, run_id, metrics)
-        finish_run(store, run_id, "FINISHED", tags={"bdlab.status": "complete"})
+        finish_run(store, run_id, "FINISHED", tags={"bdlab.status": "complete"}, metrics=metrics)
         if checkpoint is not None:
             shutil.rmtree(checkpoint, ignore_errors=True)
     except BaseException as err:
@@ -206,12 +209,16 @@ def defense_trial(config: dict[str, Any]) -> None:
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    tune.report({**metrics, "done": 1, "mlflow_run_id": run_id, "step": step[0] + 1})
+    tune.report({**metrics, "done": 1, "mlflow_run_id": run_id, "step": progress.steps + 1})
 
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: one torch thread unless a trial asks for more."""
-    env = {"OMP_NUM_THREADS": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return env

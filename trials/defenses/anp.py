@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from trials.data.pipeline import Augment, to_float
-from trials.defenses.base import DataBudgetParams, Defense, DefenseContext, DefenseData
+from trials.defenses.base import DataBudgetParams, Defense, DefenseContext, DefenseData, data_fraction_param
 from trials.defenses.registry import register_defense
 from trials.device import autocast, prepare_input
 from trials.metrics import predict
@@ -56,12 +56,8 @@ THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 .. 0.90
 
 @dataclass(frozen=True)
 class ANPParams(DataBudgetParams):
-    data_fraction: float = param(
-        0.05,
-        "clean labeled images, as a fraction of the training split (BackdoorBench: 5 %)",
-        low=0.0,
-        high=1.0,
-        low_exclusive=True,
+    data_fraction: float = data_fraction_param(
+        0.05, "clean labeled images, as a fraction of the training split (BackdoorBench: 5 %)"
     )
     eps: float = param(0.4, "perturbation budget epsilon of the BN weight and bias", low=0.0)
     noise_steps: int = param(1, "sign-gradient ascent steps on the perturbation (anp_steps)", low=1)

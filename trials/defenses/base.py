@@ -41,17 +41,18 @@ DataKind = Literal["none", "unlabeled", "clean_labeled", "poisoned_train"]
 DATA_KINDS: tuple[str, ...] = ("none", "unlabeled", "clean_labeled", "poisoned_train")
 
 
+def data_fraction_param(
+    default: float, doc: str = "images to use, as a fraction of the training split's size"
+):
+    """The `data_fraction` field with a defense's own default (and the protocol it comes from)."""
+    return param(default, doc, low=0.0, high=1.0, low_exclusive=True)
+
+
 @dataclass(frozen=True)
 class DataBudgetParams:
     """For defenses that take unlabeled or clean labeled images from the held-out part."""
 
-    data_fraction: float = param(
-        0.1,
-        "images to use, as a fraction of the training split's size",
-        low=0.0,
-        high=1.0,
-        low_exclusive=True,
-    )
+    data_fraction: float = data_fraction_param(0.1)
     data_count: int | None = param(None, "images to use, as a count (overrides data_fraction)", low=1)
 
     def data_amount(self, train_split_size: int) -> int:

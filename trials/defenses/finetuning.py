@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.data.pipeline import Augment, batch_indices, to_float
-from trials.defenses.base import DataBudgetParams, DefenseContext
+from trials.defenses.base import DataBudgetParams, DefenseContext, data_fraction_param
 from trials.device import autocast, prepare_input
 from trials.params import param
 
@@ -34,12 +34,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class FinetuneParams(DataBudgetParams):
-    data_fraction: float = param(
-        0.04,
-        "clean labeled images, as a fraction of the training split (DHBE protocol: 4 %)",
-        low=0.0,
-        high=1.0,
-        low_exclusive=True,
+    data_fraction: float = data_fraction_param(
+        0.04, "clean labeled images, as a fraction of the training split (DHBE protocol: 4 %)"
     )
     lr: float = param(0.01, "SGD learning rate", low=0.0, low_exclusive=True)
     momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)

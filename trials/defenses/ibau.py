@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.data.pipeline import Augment, batch_indices, to_float
-from trials.defenses.base import DataBudgetParams, Defense, DefenseContext, DefenseData
+from trials.defenses.base import DataBudgetParams, Defense, DefenseContext, DefenseData, data_fraction_param
 from trials.defenses.registry import register_defense
 from trials.device import prepare_input
 from trials.params import param
@@ -55,12 +55,8 @@ from trials.params import param
 
 @dataclass(frozen=True)
 class IBAUParams(DataBudgetParams):
-    data_fraction: float = param(
-        0.05,
-        "clean labeled images, as a fraction of the training split (BackdoorBench: 5 %)",
-        low=0.0,
-        high=1.0,
-        low_exclusive=True,
+    data_fraction: float = data_fraction_param(
+        0.05, "clean labeled images, as a fraction of the training split (BackdoorBench: 5 %)"
     )
     rounds: int = param(5, "unlearning rounds (n_rounds)", low=1)
     K: int = param(5, "fixed-point (Neumann) iterations of the implicit hypergradient", low=1)
