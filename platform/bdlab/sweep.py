@@ -165,6 +165,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
             "sweep": spec.name,
             "device": spec.device,
             "cpu": res["cpu"],
+            "gpu": res["gpu"],
             "plugins": list(spec.plugins),
         }
         for key, cell in todo
@@ -254,6 +255,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
             "seed": cell.attack.seed,
             "device": spec.device,
             "cpu": res["cpu"],
+            "gpu": res["gpu"],
             "plugins": list(spec.plugins),
             "tags": {
                 "bdlab.sweep": spec.name,

@@ -34,10 +34,16 @@ def import_plugins(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
-def _threads(cpu: float) -> None:
+def claim_resources(config: dict[str, Any]) -> None:
+    """Hold the trial to what it asked Ray for: torch threads = its CPUs; on a GPU shared by
+    fractional trials, its share of the memory (Ray's fractions are logical only, and PyTorch's
+    caching allocator never hands memory back to the other processes)."""
     import torch
 
-    torch.set_num_threads(max(1, int(cpu)))
+    torch.set_num_threads(max(1, int(config["cpu"])))
+    share = config.get("gpu", 0)
+    if torch.cuda.is_available() and 0 < share < 1:
+        torch.cuda.set_per_process_memory_fraction(max(0.05, 0.95 * share))
 
 
 def failure_reason(err: BaseException) -> str:
@@ -90,7 +96,7 @@ def attack_trial(config: dict[str, Any]) -> None:
     from trials.run import run_attack, save_attack_result
 
     import_plugins(config.get("plugins", []))
-    _threads(config["cpu"])
+    claim_resources(config)
     store = Store(**config["store"])
     cell = AttackCell(**config["cell"])
     key = config["key"]
@@ -163,7 +169,7 @@ def defense_trial(config: dict[str, Any]) -> None:
     from trials.run import DefenseSpec, run_defense, save_defense_result
 
     import_plugins(config.get("plugins", []))
-    _threads(config["cpu"])
+    claim_resources(config)
     store = Store(**config["store"])
     run_id = config["mlflow_run_id"]
     if config["resumed"]:
