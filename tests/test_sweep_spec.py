@@ -67,22 +67,23 @@ def test_quickstart_loads():
         "digits/mini_resnet/blended/s0",
     ]
     assert [(d.name, d.preset, d.trials, d.space_source) for d in spec.defenses] == [
-        ("dhbe", "cpu", 3, "default"),
-        ("bcu", "cpu", 3, "default"),
         ("clp", "cpu", 3, "default"),
+        ("bcu", "cpu", 3, "default"),
         ("ft", "cpu", 3, "default"),
+        ("dhbe", "cpu", 3, "default"),
     ]
     cells = spec.defense_cells()
     assert len(cells) == 8
     assert cells[1].label == "digits/mini_resnet/badnets/s0 :: bcu"
-    assert cells[4].label == "digits/mini_resnet/blended/s0 :: dhbe"
+    assert cells[4].label == "digits/mini_resnet/blended/s0 :: clp"
+    assert cells[7].label == "digits/mini_resnet/blended/s0 :: dhbe"
     assert spec.objectives == {"acc": "max", "asr": "min"}
     assert spec.sampler == {"name": "tpe", "seed": 0}
     assert spec.resources == {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 1, "gpu": 0}}
     assert spec.failure == {"max_retries": 1}
     assert spec.device == "auto"
     # DHBE stays CPU-sized on top of the cpu preset: no width, batch or schedule is searched.
-    dhbe = spec.defenses[0]
+    dhbe = spec.defenses[3]
     assert not {"generator_width", "patch_generator_width", "batch_size", "epochs", "iters_per_epoch"} & set(
         dhbe.space
     )
