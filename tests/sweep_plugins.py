@@ -1,11 +1,14 @@
 """A defense for the sweep tests, registered by a sweep's `plugins:` list in every Ray worker.
 
 `faulty` is data-free and cheap: `mode: ok` scales the classifier by `scale` (a real, measurable
-change), `raise` fails with an exception, `nan` returns non-finite weights.
+change), `raise` fails with an exception, `nan` returns non-finite weights. With `fail_once` set
+to a file path, the first `ok` trial to run creates that file and fails (a transient failure: its
+retry completes).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from trials.params import param
 class FaultyParams:
     mode: str = param("ok", "ok, raise or nan", choices=("ok", "raise", "nan"))
     scale: float = param(1.0, "factor on the classifier's weights", low=0.0)
+    fail_once: str = param("", "marker file: the first `ok` trial to create it fails")
 
 
 if "faulty" not in DEFENSES:
@@ -32,6 +36,13 @@ if "faulty" not in DEFENSES:
             ctx.report({"step": 1, "mode": self.params.mode}, model)
             if self.params.mode == "raise":
                 raise RuntimeError("faulty defense asked to fail")
+            if self.params.mode == "ok" and self.params.fail_once:
+                try:
+                    os.close(os.open(self.params.fail_once, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass
+                else:
+                    raise RuntimeError("faulty defense fails its first attempt")
             with torch.no_grad():
                 if self.params.mode == "nan":
                     model.head.weight.fill_(float("nan"))

@@ -217,8 +217,14 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
         attacks=[{"name": "badnets", "params": {"ratio": 0.2}}],
         defenses=[
             {"name": "clp", "trials": 2},
-            # the default trial (mode ok) completes; the sampled ones raise or return NaN weights
-            {"name": "faulty", "trials": 3, "space": {"mode": {"choice": ["raise", "nan"]}}},
+            # the default trial (mode ok) fails once, then its retry completes; the sampled ones
+            # raise or return NaN weights every time
+            {
+                "name": "faulty",
+                "trials": 3,
+                "fixed": {"fail_once": str(tmp_path / "failed-once")},
+                "space": {"mode": {"choice": ["raise", "nan"]}},
+            },
         ],
     )
     results = tmp_path / "results"
@@ -236,6 +242,11 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
     assert all(
         "RuntimeError: faulty defense asked to fail" in x or "non-finite weights" in x for x in reasons
     )
+    # the retried trial's run: complete, its first attempt's failure kept under another tag
+    (retried,) = [r for r in by_defense["faulty"] if r.info.status == "FINISHED"]
+    assert "bdlab.failure" not in retried.data.tags
+    assert "fails its first attempt" in retried.data.tags["bdlab.earlier_failure"]
+    assert (tmp_path / "failed-once").exists()
     cells = {c["cell"].split(" :: ")[1]: c for c in summary["cells"]}
     assert (cells["clp"]["complete"], cells["clp"]["failed"]) == (2, 0)
     assert (cells["faulty"]["complete"], cells["faulty"]["failed"]) == (1, 2)
@@ -246,6 +257,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
     assert len(table) == 5
     assert sorted(r["status"] for r in table) == ["complete"] * 3 + ["failed"] * 2
     assert all(r["failure"] for r in table if r["status"] == "failed")
+    assert not any(r["failure"] for r in table if r["status"] == "complete")
 
 
 def _sweep_process(spec_path: Path, results: Path, address: str, log: Path) -> subprocess.Popen:

@@ -172,13 +172,20 @@ def defense_trial(config: dict[str, Any]) -> None:
     claim_resources(config)
     store = Store(**config["store"])
     run_id = config["mlflow_run_id"]
-    if config["resumed"]:
-        run = store.client().get_run(run_id)
-        if run.info.status == "FINISHED" and f"val_{config['objectives'][0]}" in run.data.metrics:
-            # the driver died between this trial's end and its record in the study
-            tune.report({**run.data.metrics, "done": 1, "mlflow_run_id": run_id})
-            return
-    store.client().update_run(run_id, status="RUNNING")  # a resumed or retried trial's run was ended
+    client = store.client()
+    run = client.get_run(run_id)
+    finished = run.info.status == "FINISHED" and f"val_{config['objectives'][0]}" in run.data.metrics
+    if config["resumed"] and finished:
+        # the driver died between this trial's end and its record in the study
+        tune.report({**run.data.metrics, "done": 1, "mlflow_run_id": run_id})
+        return
+    client.update_run(run_id, status="RUNNING")  # a resumed or retried trial's run was ended
+    # A retry logs into the run its failed attempt ended: the failure stays visible, but under
+    # another tag, so `bdlab.failure` is only ever on runs that failed for good.
+    done_tags = {"bdlab.status": "complete"}
+    if earlier_failure := run.data.tags.get("bdlab.failure"):
+        client.delete_tag(run_id, "bdlab.failure")
+        done_tags["bdlab.earlier_failure"] = earlier_failure
     progress = StepLogger(store, run_id, report_to_tune=True)
 
     try:
@@ -204,7 +211,7 @@ def defense_trial(config: dict[str, Any]) -> None:
             if trigger.exists():
                 shutil.copy(trigger, folder / "trigger.png")
             log_folder(store, run_id, folder, "defended")
-        finish_run(store, run_id, "FINISHED", tags={"bdlab.status": "complete"}, metrics=metrics)
+        finish_run(store, run_id, "FINISHED", tags=done_tags, metrics=metrics)
         if checkpoint is not None:
             shutil.rmtree(checkpoint, ignore_errors=True)
     except BaseException as err:
