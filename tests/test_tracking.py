@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from bdlab import cache, tracking
+from bdlab import cache, claims, tracking
 from bdlab.tracking import Store
 
 from trials.errors import InvalidValue
@@ -229,7 +229,7 @@ def test_claim_reuse_failure_and_stale_claims(local_store, tmp_path):
     tracking.finish_run(store, run, "FAILED")  # the training failed: the next claimant trains again
     retry, trained = cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1)
     assert trained and retry != run
-    cache.heartbeat(store, retry)
+    claims.heartbeat(store, retry)
     cache.log_attacked(store, retry, small_folder(tmp_path / "m"))
     tracking.finish_run(store, retry)
     assert cache.claim_attacked(store, key, "badnets", {}, poll_s=0.1) == (retry, False)
@@ -247,7 +247,7 @@ def test_claim_reuse_failure_and_stale_claims(local_store, tmp_path):
         store.client()
         .create_run(
             store.experiment_id(cache.ATTACK_EXPERIMENT),
-            tags={cache.KEY_TAG: key2, cache.HEARTBEAT_TAG: f"{time.time() - 100:.0f}"},
+            tags={cache.KEY_TAG: key2, claims.HEARTBEAT_TAG: f"{time.time() - 100:.0f}"},
         )
         .info.run_id
     )
@@ -405,3 +405,90 @@ def test_mlflow_server_starts_and_stops(tmp_path, capsys):
         assert url in capsys.readouterr().out
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+
+
+# --- one driver per sweep ---------------------------------------------------------------------------
+
+
+def _lease_run(store: Store, sweep: str, **tags: str) -> str:
+    """A driver lease as another driver would have left it (tags override the live defaults)."""
+    experiment = store.experiment_id(claims.DRIVER_EXPERIMENT)
+    all_tags = {"bdlab.kind": "driver", "bdlab.sweep": sweep, **claims.claim_tags(), **tags}
+    return store.client().create_run(experiment, tags=all_tags).info.run_id
+
+
+def _live_leases(store: Store, sweep: str) -> list:
+    experiment = store.experiment_id(claims.DRIVER_EXPERIMENT)
+    return claims.claims(store, experiment, {"bdlab.kind": "driver", "bdlab.sweep": sweep}, stale_s=1e9)[1]
+
+
+def test_a_second_driver_of_a_running_sweep_is_refused(local_store):
+    store, sweep = local_store, unique("sweep")
+    with claims.driver_lease(store, sweep) as lease:
+        assert store.client().get_run(lease).info.status == "RUNNING"
+        with pytest.raises(claims.SweepBusy) as refused:
+            with claims.driver_lease(store, sweep):
+                pytest.fail("two drivers hold one sweep")
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith(f"sweep {sweep}: another driver is running it (host ")
+        assert f"pid {os.getpid()}, last heartbeat 0 s ago" in message
+        with claims.driver_lease(store, unique("other")):  # other sweeps stay free
+            pass
+        assert [r.info.run_id for r in _live_leases(store, sweep)] == [lease]
+    assert _live_leases(store, sweep) == []  # released on the way out (also on errors)
+    with pytest.raises(RuntimeError), claims.driver_lease(store, sweep):
+        raise RuntimeError("the sweep failed")
+    assert _live_leases(store, sweep) == []
+
+
+def test_a_dead_drivers_lease_is_taken_over(local_store):
+    import subprocess
+    import sys
+
+    store = local_store
+    # on this host, a process that has ended: taken over at once
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    sweep = unique("sweep")
+    dead = _lease_run(store, sweep, **{claims.PID_TAG: dead_pid})
+    with claims.driver_lease(store, sweep):
+        pass
+    assert store.client().get_run(dead).info.status == "KILLED"
+
+    # on another host: refused while it sends heartbeats, taken over after stale_s of silence
+    sweep = unique("sweep")
+    recent = _lease_run(
+        store, sweep, **{claims.HOST_TAG: "node-7", claims.HEARTBEAT_TAG: f"{time.time() - 30:.0f}"}
+    )
+    with pytest.raises(claims.SweepBusy, match=r"host node-7, pid \d+, last heartbeat 3\d s ago"):
+        with claims.driver_lease(store, sweep, stale_s=120):
+            pass
+    tracking.set_tags(store, recent, {claims.HEARTBEAT_TAG: f"{time.time() - 200:.0f}"})
+    with claims.driver_lease(store, sweep, stale_s=120):
+        pass
+    assert store.client().get_run(recent).info.status == "KILLED"
+
+
+def test_drivers_started_at_once_leave_one_holder(local_store):
+    store, sweep = local_store, unique("sweep")
+    store.experiment_id(claims.DRIVER_EXPERIMENT)
+    barrier, outcomes = threading.Barrier(4), []
+
+    def driver() -> None:
+        barrier.wait(timeout=60)
+        try:
+            with claims.driver_lease(store, sweep):
+                time.sleep(3.0)  # longer than the others take to contend
+                outcomes.append("held")
+        except claims.SweepBusy:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=driver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(outcomes) == ["held", "refused", "refused", "refused"]
+    assert _live_leases(store, sweep) == []

@@ -6,27 +6,17 @@ models live in one experiment, `bdlab/attacked-models`, so every sweep finds eve
 holds the model folder written by `trials.run.save_attack_result` as its artifact folder `attacked`.
 
 Two sweeps (or two trials of one sweep) that need the same model race through `claim_attacked`, which
-lets exactly one of them train it. The claim uses only the tracking API, because workers may run on
-other nodes with no shared file system:
+lets exactly one of them train it (`bdlab.claims` has the protocol; a run with the key that FINISHED
+ends the race for everyone). A waiter polls until a run with the key finishes (reuse it) or no live
+claim is left (the winner FAILED, was killed, or went silent): it claims again.
 
-1. A finished run with the key exists: reuse it.
-2. Create a claim run (RUNNING) tagged with the key, then list the key's runs (one snapshot).
-3. No other live claim is listed: we won. Safe, because any claim created after ours lists ours.
-4. Other live claims are listed: order them by (start_time, run_id). Every claimant that is not the
-   first withdraws (deletes its run) at once and waits. The first waits (briefly) until the others
-   have withdrawn and then wins; if one stays, that one listed no rival (it won at step 3), so the
-   first withdraws too. Withdrawing never makes two winners, so clock skew between nodes can only
-   cost a retry, never a second training.
-5. A waiter polls until a run with the key FINISHES (reuse it) or no live claim is left (the winner
-   FAILED, was killed, or stopped sending heartbeats for `stale_s`): it retries from 1.
-
-The winner's caller trains, uploads the folder (`log_attacked`), sends `heartbeat`s while it works
-(`keep_alive` does it from a thread), and ends the run with `tracking.finish_run` (FINISHED or FAILED).
+The winner's caller trains, uploads the folder (`log_attacked`), sends heartbeats while it works
+(`claims.keep_alive` does it from a thread), and ends the run with `tracking.finish_run` (FINISHED
+or FAILED).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -36,20 +26,18 @@ import os
 import random
 import shutil
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bdlab.claims import claim_tags, claims, contend, withdraw
 from bdlab.tracking import (
     KIND_TAG,
     Store,
     _tag_values,
     download_folder,
     find_runs,
-    finish_run,
     log_folder,
     set_tags,
 )
@@ -69,8 +57,7 @@ CODE_VERSION_FILES = (
 ATTACK_EXPERIMENT = "bdlab/attacked-models"
 ATTACKED_ARTIFACT = "attacked"  # the run's artifact folder holding the attacked-model folder
 KEY_TAG = "bdlab.cache_key"
-CLAIM_TAG = "bdlab.claim"
-HEARTBEAT_TAG = "bdlab.heartbeat"
+LISTED = ("RUNNING", "FINISHED")  # a FINISHED run with the key ends every claim on it
 CODE_TAG = "bdlab.code_version"
 
 
@@ -148,32 +135,6 @@ def find_attacked(store: Store, key: str) -> str | None:
     return runs[-1].info.run_id if runs else None
 
 
-def heartbeat(store: Store, run_id: str) -> None:
-    """Tell waiting claimants that the winner of a claim is still at work."""
-    set_tags(store, run_id, {HEARTBEAT_TAG: f"{time.time():.0f}"})
-
-
-@contextlib.contextmanager
-def keep_alive(store: Store, run_id: str, every_s: float = 60.0) -> Iterator[None]:
-    """Send `heartbeat`s from a background thread while the body (the training) runs."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s):
-            try:
-                heartbeat(store, run_id)
-            except Exception as err:  # noqa: BLE001 - a lost heartbeat must not kill the training
-                log.warning("heartbeat of run %s failed: %s", run_id, err)
-
-    thread = threading.Thread(target=beat, name=f"bdlab-heartbeat-{run_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
 def claim_attacked(
     store: Store,
     key: str,
@@ -193,19 +154,17 @@ def claim_attacked(
         found = find_attacked(store, key)
         if found:
             return found, False
-        now = f"{time.time():.0f}"
+        match = {KEY_TAG: key}
         run = client.create_run(
             experiment,
-            tags=_tag_values(
-                {KIND_TAG: "attack", **tags, KEY_TAG: key, CLAIM_TAG: uuid.uuid4().hex, HEARTBEAT_TAG: now}
-            ),
+            tags=_tag_values({KIND_TAG: "attack", **tags, **match, **claim_tags()}),
             run_name=label,
         )
         me = run.info.run_id
         try:
-            outcome, winner = _contend(store, key, me, poll_s, stale_s)
+            outcome, winner, _ = contend(store, experiment, match, me, poll_s, stale_s, LISTED)
         except BaseException:
-            _withdraw(store, me)
+            withdraw(store, me)
             raise
         if outcome == "won":
             return me, True
@@ -217,30 +176,11 @@ def claim_attacked(
         time.sleep(random.uniform(0, poll_s))  # the winner failed or vanished: retry, out of step
 
 
-def _contend(store: Store, key: str, me: str, poll_s: float, stale_s: float) -> tuple[str, str | None]:
-    """("won", None), or ("lost", finished run id or None) after withdrawing our claim `me`."""
-    confirm_until = time.monotonic() + max(10.0, 5 * poll_s)
-    while True:
-        finished, live = _claims(store, key, stale_s, keep=me)
-        if finished:
-            _withdraw(store, me)
-            return "lost", finished
-        if me not in [r.info.run_id for r in live]:  # our claim was ended by someone else
-            _withdraw(store, me)
-            return "lost", None
-        if len(live) == 1:
-            return "won", None
-        first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
-        if first.info.run_id != me or time.monotonic() > confirm_until:
-            _withdraw(store, me)
-            return "lost", None
-        time.sleep(min(poll_s, 0.25))  # we are first: wait for the others to withdraw
-
-
 def _wait_for_claims(store: Store, key: str, deadline: float, poll_s: float, stale_s: float) -> str | None:
     """Poll until a run with `key` finishes (its id) or no live claim is left (None)."""
+    experiment = store.experiment_id(ATTACK_EXPERIMENT)
     while True:
-        finished, live = _claims(store, key, stale_s)
+        finished, live = claims(store, experiment, {KEY_TAG: key}, stale_s, statuses=LISTED)
         if finished:
             return finished
         if not live:
@@ -251,44 +191,6 @@ def _wait_for_claims(store: Store, key: str, deadline: float, poll_s: float, sta
                 f"in {store.tracking_uri}; waited longer than wait_s"
             )
         time.sleep(poll_s)
-
-
-def _claims(store: Store, key: str, stale_s: float, keep: str | None = None) -> tuple[str | None, list]:
-    """(the oldest FINISHED run id or None, the live RUNNING claims, oldest first). Claims without a
-    heartbeat for `stale_s` seconds are ended as KILLED (their process is gone)."""
-    runs = find_runs(
-        store, [store.experiment_id(ATTACK_EXPERIMENT)], {KEY_TAG: key}, ("RUNNING", "FINISHED")
-    )[::-1]
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished:
-        return finished[0].info.run_id, []
-    live = []
-    now = time.time()
-    for run in runs:
-        beat = run.data.tags.get(HEARTBEAT_TAG)
-        last = float(beat) if beat else run.info.start_time / 1000
-        if run.info.run_id != keep and now - last > stale_s:
-            log.warning(
-                "attacked model %s: claim %s sent no heartbeat for %.0f s; ending it",
-                key,
-                run.info.run_id,
-                now - last,
-            )
-            with contextlib.suppress(Exception):
-                finish_run(store, run.info.run_id, "KILLED", {"bdlab.stale": "no heartbeat"})
-            continue
-        live.append(run)
-    return None, live
-
-
-def _withdraw(store: Store, run_id: str) -> None:
-    """Delete our claim run (so it is no candidate and does not count as an attacked model)."""
-    client = store.client()
-    try:
-        client.delete_run(run_id)
-    except Exception:  # noqa: BLE001 - best effort: at least end it
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, "KILLED")
 
 
 # --- moving attacked-model folders -----------------------------------------------------------------

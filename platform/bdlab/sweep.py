@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bdlab.cache import cache_key, find_attacked
+from bdlab.claims import driver_lease
 from bdlab.spec import DefenseCell, SweepSpec, load_sweep
 from bdlab.tracking import GENERATION_TAG, Store, parent_run, sweep_experiment_name
 
@@ -95,8 +96,6 @@ def run_sweep(
     out: Out = print,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the summary (also logged to the parent run and printed)."""
-    from bdlab import report
-
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     started = time.monotonic()
@@ -106,6 +105,15 @@ def run_sweep(
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
     )  # our progress lines replace Tune's tables
     store = Store.open(results, tracking_uri, optuna_url)
+    with driver_lease(store, spec.name):  # one driver per sweep: two would run its trials twice
+        return _run(spec, store, fresh, address, out, started)
+
+
+def _run(
+    spec: SweepSpec, store: Store, fresh: bool, address: str | None, out: Out, started: float
+) -> dict[str, Any]:
+    from bdlab import report
+
     exp = store.experiment_id(sweep_experiment_name(spec.name))
     parent = parent_run(store, exp, spec.name, fresh=fresh, tags={"bdlab.spec": spec.source})
     generation = int(store.client().get_run(parent).data.tags[GENERATION_TAG])

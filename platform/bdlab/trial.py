@@ -21,7 +21,8 @@ from typing import Any
 
 from ray import tune
 
-from bdlab.cache import claim_attacked, fetch_attacked, keep_alive, log_attacked
+from bdlab.cache import claim_attacked, fetch_attacked, log_attacked
+from bdlab.claims import keep_alive
 from bdlab.tracking import Store, find_runs, finish_run, log_folder, log_metrics, start_child_run
 
 # per worker process (actors are reused between trials): attacked models already loaded
