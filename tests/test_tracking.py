@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import threading
 import time
 import uuid
@@ -432,7 +433,7 @@ def test_a_second_driver_of_a_running_sweep_is_refused(local_store):
         message = str(refused.value)
         assert "\n" not in message
         assert message.startswith(f"sweep {sweep}: another driver is running it (host ")
-        assert f"pid {os.getpid()}, last heartbeat 0 s ago" in message
+        assert re.search(rf"pid {os.getpid()}, last heartbeat [01] s ago\)", message), message
         with claims.driver_lease(store, unique("other")):  # other sweeps stay free
             pass
         assert [r.info.run_id for r in _live_leases(store, sweep)] == [lease]
@@ -460,7 +461,7 @@ def test_a_dead_drivers_lease_is_taken_over(local_store):
     # on another host: refused while it sends heartbeats, taken over after stale_s of silence
     sweep = unique("sweep")
     recent = _lease_run(
-        store, sweep, **{claims.HOST_TAG: "node-7", claims.HEARTBEAT_TAG: f"{time.time() - 30:.0f}"}
+        store, sweep, **{claims.HOST_TAG: "node-7", claims.HEARTBEAT_TAG: f"{time.time() - 35:.0f}"}
     )
     with pytest.raises(claims.SweepBusy, match=r"host node-7, pid \d+, last heartbeat 3\d s ago"):
         with claims.driver_lease(store, sweep, stale_s=120):

@@ -85,10 +85,11 @@ def keep_alive(store: Store, run_id: str, every_s: float = 60.0) -> Iterator[Non
 
 
 def silent_for(run: Any, now: float | None = None) -> float:
-    """Seconds since the claim's last heartbeat (or its start, without one)."""
+    """Seconds since the claim's last heartbeat (or its start, without one); heartbeats are whole
+    seconds, so a fresh one can lie up to half a second ahead: never below 0."""
     beat = run.data.tags.get(HEARTBEAT_TAG)
     last = float(beat) if beat else run.info.start_time / 1000
-    return (now or time.time()) - last
+    return max(0.0, (now or time.time()) - last)
 
 
 def _gone(run: Any) -> bool:
