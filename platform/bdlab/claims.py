@@ -123,8 +123,13 @@ def claims(
     live = []
     now = time.time()
     for run in runs:
-        if run.info.run_id != keep and (silent_for(run, now) > stale_s or _gone(run)):
-            reason = "its process is gone" if _gone(run) else f"no heartbeat for {silent_for(run, now):.0f} s"
+        reason = None
+        if run.info.run_id != keep:
+            if _gone(run):
+                reason = "its process is gone"
+            elif (silent := silent_for(run, now)) > stale_s:
+                reason = f"no heartbeat for {silent:.0f} s"
+        if reason:
             log.warning("%s: claim %s ended (%s)", dict(match), run.info.run_id, reason)
             with contextlib.suppress(Exception):
                 finish_run(store, run.info.run_id, "KILLED", {"bdlab.stale": reason})
