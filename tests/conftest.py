@@ -7,6 +7,9 @@ import torch
 # models 10-100x slower (DHBE smoke run: 27 s with 2 threads, 0.2 s with 1, under load).
 torch.set_num_threads(1)
 
+# the contracts' tiny digits problem (tiny_digits, tiny_attacked), shared with plugin authors' tests
+pytest_plugins = ["trials.testing.fixtures"]
+
 
 @pytest.fixture(scope="session")
 def digits():
@@ -16,39 +19,21 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def tiny_digits():
-    """A few dozen digits images: enough for smoke tests of every component."""
-    from trials.data import load_dataset
+def quality_runs(tmp_path_factory):
+    """The quality runs of the session (tests/quality.py): each (case, seed) once, in a pool of two
+    worker processes; BadNets 3x3 (target 0, 10 %) on digits with mini_resnet and the digits recipe
+    is the defenses' attacked model at each seed (seed 0 with its clean reference model)."""
+    from quality import Runs
 
-    return load_dataset("digits", {"train_subset": 40, "test_subset": 40})
-
-
-@pytest.fixture(scope="session")
-def tiny_attacked(tmp_path_factory):
-    """A BadNets mini_resnet on tiny digits, trained one epoch and saved as an attacked-model folder."""
-    from trials.run import AttackSpec, load_attacked, run_attack, save_attack_result
-
-    spec = AttackSpec(
-        attack_params={"ratio": 0.2},
-        dataset_params={"train_subset": 60, "test_subset": 40},
-        epochs=1,
-        device="cpu",
-    )
-    folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("attacked") / "badnets")
-    return load_attacked(folder, "cpu")
+    runs = Runs(tmp_path_factory.mktemp("quality"))
+    yield runs
+    runs.close()
 
 
 @pytest.fixture(scope="session")
-def digits_badnets(tmp_path_factory):
-    """The defenses' quality problem: BadNets 3x3 (target 0, 10 %) on digits with mini_resnet,
-    trained with the digits recipe and saved as an attacked-model folder (ASR >= 0.95)."""
-    from trials.run import AttackSpec, load_attacked, run_attack, save_attack_result
-
-    spec = AttackSpec(attack_params={"size": 3, "target": 0, "ratio": 0.1}, device="cpu")
-    folder = save_attack_result(run_attack(spec), tmp_path_factory.mktemp("quality") / "badnets")
-    attacked = load_attacked(folder, "cpu")
-    assert attacked.metrics["asr"] >= 0.95
-    return attacked
+def digits_badnets(quality_runs):
+    """The defenses' quality problem at seed 0, loaded in this process."""
+    return quality_runs.attacked(0)
 
 
 # --- bdlab tracking (tests/test_tracking.py): a real MLflow server, and a local SQLite store --------

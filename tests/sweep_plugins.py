@@ -1,9 +1,13 @@
-"""A defense for the sweep tests, registered by a sweep's `plugins:` list in every Ray worker.
+"""A defense and a metric for the sweep tests, registered by a sweep's `plugins:` list in every Ray
+worker (and in the driver).
 
 `faulty` is data-free and cheap: `mode: ok` scales the classifier by `scale` (a real, measurable
 change), `raise` fails with an exception, `nan` returns non-finite weights. With `fail_once` set
 to a file path, the first `ok` trial to run creates that file and fails (a transient failure: its
 retry completes).
+
+`clean_errors` is a metric added through its one definition (`trials.metrics.register_metric`): the
+sweep test finds it in MLflow, the Parquet table and the summary.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from trials.defenses import DEFENSES, Defense, register_defense
+from trials.metrics import METRICS, Predictions, register_metric
 from trials.params import param
 
 
@@ -49,3 +54,11 @@ if "faulty" not in DEFENSES:
                 else:
                     model.head.weight.mul_(self.params.scale)
             return model
+
+
+if "clean_errors" not in METRICS:
+
+    @register_metric("clean_errors")
+    def clean_errors(p: Predictions) -> float:
+        """How many clean images the model gets wrong (a count, so it cannot be confused with acc)."""
+        return float((p.clean != p.y).sum())

@@ -31,7 +31,7 @@ def stub_ctx(model: torch.nn.Module, n: int = 16, seed: int = 0) -> SimpleNamesp
     y = torch.arange(n) % 10
     data = SimpleNamespace(train_x=x, train_y=y, device=torch.device("cpu"))
     return SimpleNamespace(
-        clean_model=lambda: model, data=data, device=torch.device("cpu"), generator=gen, fast=False
+        clean_model=lambda: model, data=data, device=torch.device("cpu"), generator=gen, amp=False
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+import quality as q
+
 from trials.defenses import make_defense
 from trials.defenses.finetuning import FinetuneParams
-from trials.presets import load_preset
-from trials.run import DefenseSpec, run_defense
 
 
 def test_ft_defaults_are_the_dhbe_protocol():
@@ -23,12 +24,12 @@ def test_ft_defaults_are_the_dhbe_protocol():
     )
 
 
-def test_ft_at_five_times_the_learning_rate_erases_badnets(digits_badnets):
-    # /work/bd_badnets2 (same recipe), 57 clean images: the full cpu preset at lr 0.05 gives
-    # ACC 0.939, ASR 0.006 (84 s); three epochs at lr 0.05 already ACC 0.933, ASR 0.000 (14 s).
-    params = {**load_preset("ft", "cpu"), "lr": 0.05, "epochs": 3, "milestones": []}
-    m = run_defense(DefenseSpec("ft", params, preset="cpu"), digits_badnets).metrics
-    assert m["before"]["asr"] >= 0.95
-    assert m["asr"] <= 0.2 and m["val"]["asr"] <= 0.2, m
-    assert m["acc"] >= m["before"]["acc"] - 0.1, m
-    assert m["findings"] == {"clean_images": 57, "samples_per_epoch": 2052}
+@pytest.mark.quality
+def test_ft_at_five_times_the_learning_rate_erases_badnets(quality_runs):
+    # three epochs at lr 0.05 on 57 clean images: ASR <= 0.080 on seeds 0-2 native, 0-1 default, at
+    # an ACC cost of 0.078-0.183 (the full cpu preset at lr 0.05: ACC 0.939, ASR 0.006), so the bar
+    # on the cost is 20 points (tests/quality.py ERASURES), asserted for a majority of seeds
+    held, seen = quality_runs.majority("ft_lr5x", q.erases("ft_lr5x"))
+    assert held, seen
+    findings = quality_runs.metrics("ft_lr5x", 0)["findings"]
+    assert findings == {"clean_images": 57, "samples_per_epoch": 2052}  # the data it used

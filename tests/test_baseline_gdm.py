@@ -1,10 +1,11 @@
 """GDM: the generator's triggers, the MINE estimate, the trigger search and target detection on a
 toy backdoored model, and a short run on digits with the known target (the cpu preset's figures
-are in search_spaces/presets/gdm.yaml)."""
+are in trials/defenses/presets/gdm.yaml)."""
 
 from __future__ import annotations
 
 import pytest
+import quality as q
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,8 +13,6 @@ import torch.nn.functional as F
 from trials.defenses import DefenseContext, make_defense
 from trials.defenses.base import DefenseData
 from trials.defenses.gdm import GDMParams, Mine, TriggerGenerator, paste, random_locations, search
-from trials.presets import load_preset
-from trials.run import DefenseSpec, run_defense
 
 
 def _ctx() -> DefenseContext:
@@ -120,20 +119,25 @@ def test_gdm_detects_the_toy_target_and_retrains():
     assert len(f["generators"]) == 1 and f["generators"][0]["beta"] == 0.9
 
 
-def test_gdm_short_run_with_known_target_erases_badnets(digits_badnets):
+@pytest.fixture(scope="module")
+def runs(quality_runs):
+    quality_runs.prefetch([("gdm_short", 0), ("gdm_nothing_stamped", 0)])
+    return quality_runs
+
+
+@pytest.mark.quality
+def test_gdm_short_run_with_known_target_erases_badnets(runs):
     # cheaper than the cpu preset (~200 s here): known target, one generator, 3 search epochs, 5
-    # retraining epochs; the cpu preset's figures on /work/bd_badnets2 are in the preset file
-    params = {**load_preset("gdm", "cpu"), "target": 0, "betas": [0.9], "search_epochs": 3,
-              "epochs": 5, "milestones": [3, 4]}  # fmt: skip
-    m = run_defense(DefenseSpec("gdm", params, preset="cpu"), digits_badnets).metrics
+    # retraining epochs; the cpu preset's figures on /work/bd_badnets2 are in the preset file. Seeds
+    # 0 / 1, native and default: ASR 0.000-0.037, ACC drop 0.033-0.039: one seed runs
+    m = runs.metrics("gdm_short")
     assert m["findings"]["target"] == 0 and not m["findings"]["target_detected"]
-    assert m["asr"] < 0.2, m
-    assert m["acc"] >= m["before"]["acc"] - 0.06, m
+    assert q.erases("gdm_short")(m), m
 
 
-def test_the_sampled_triggers_are_what_erases(digits_badnets):
+@pytest.mark.quality
+def test_the_sampled_triggers_are_what_erases(runs):
     # control: the same retraining with no image stamped (plain fine-tuning) keeps most of the backdoor
-    params = {**load_preset("gdm", "cpu"), "target": 0, "betas": [0.9], "search_epochs": 1,
-              "epochs": 5, "milestones": [3, 4], "poison_ratio": 0.0}  # fmt: skip
-    m = run_defense(DefenseSpec("gdm", params, preset="cpu"), digits_badnets).metrics
-    assert m["asr"] >= 0.5, m  # measured 0.80 (and 0.00 with poison_ratio 0.1 above)
+    # (ASR 0.96-1.00 on seeds 0 / 1, native and default; 0.00 with poison_ratio 0.1 above)
+    m = runs.metrics("gdm_nothing_stamped")
+    assert q.kept(m), m

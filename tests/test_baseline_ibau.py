@@ -3,13 +3,13 @@ search, and the cpu preset on the digits BadNets problem (the issue asks ASR bel
 
 from __future__ import annotations
 
+import pytest
+import quality as q
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from trials.defenses.ibau import find_perturbation, implicit_hypergradient
-from trials.presets import load_preset
-from trials.run import DefenseSpec, run_defense
 
 A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
 B = torch.tensor([[1.0, 0.0], [2.0, -1.0]], dtype=torch.float64)
@@ -70,9 +70,11 @@ def test_perturbation_search_raises_the_loss_on_the_models_own_predictions():
         assert (model(x + delta).argmax(1) != own).float().mean() > 0.2
 
 
-def test_ibau_cpu_preset_erases_badnets_on_digits(digits_badnets):
-    result = run_defense(DefenseSpec("ibau", load_preset("ibau", "cpu"), preset="cpu"), digits_badnets)
-    m = result.metrics
-    assert m["asr"] < 0.2 and m["val"]["asr"] < 0.2, m
-    assert m["acc"] >= m["before"]["acc"] - 0.05, m
-    assert len(m["findings"]["rounds"]) == result.spec["defense"]["params"]["rounds"]
+@pytest.mark.quality
+def test_ibau_cpu_preset_erases_badnets_on_digits(quality_runs):
+    # the cpu preset (lr 5e-4): ASR 0.000-0.154, ACC drop <= 0.050, seeds 0-2 native, 0-1 default
+    # (lr 3e-4, the earlier preset: 0.06-0.47; preset file)
+    held, seen = quality_runs.majority("ibau", q.erases("ibau"))
+    assert held, seen
+    first = quality_runs.run("ibau", 0)
+    assert len(first["metrics"]["findings"]["rounds"]) == first["spec"]["defense"]["params"]["rounds"]

@@ -190,3 +190,7 @@ def test_list_prints_every_component_with_defaults():
     for name in ("digits", "imagefolder", "mini_resnet", "vgg16_bn", "badnets", "wanet", "defenses:"):
         assert name in out
     assert "ratio: float = 0.1" in out
+    # the sweep-wide settings come from the same typed fields the spec reader checks against
+    sweep = run("list", "sweep", check=True).stdout
+    assert "  sampler\n      name: str = 'tpe' {tpe, random, gp, nsga2}" in sweep
+    assert "max_retries: int = 1 >= 0" in sweep

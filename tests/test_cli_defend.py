@@ -54,9 +54,15 @@ def test_defend_writes_model_spec_and_metrics(defended, tiny_attacked):
     assert spec["defense"] == {"name": "clp", "preset": "cpu", "params": {"u": 2.5, "bn_eps": False}}
     assert spec["seed"] == 4 and spec["data"]["kind"] == "none" and "versions" in spec and "git" in spec
     assert spec["attacked"]["folder"] == str(tiny_attacked.folder.resolve())
+    assert spec["precision"] == {"training": "fp32", "evaluation": "fp32"}  # the CPU: float32 only
     metrics = json.loads((out / "metrics.json").read_text())
     for part in (metrics, metrics["val"], metrics["before"]):
-        assert {"acc", "asr", "asr_cond", "ra", "asr_x4", "asr_x5", "asr_x9"} <= set(part)
+        assert {"acc", "asr", "asr_cond", "asr_paper", "ra", "asr_x4", "asr_x5", "asr_x9"} <= set(part)
+    b = metrics["before"]  # der: the defended model against the backdoored one, on each half
+    assert "der" not in b and metrics["der"] == pytest.approx(
+        (max(0, b["asr"] - metrics["asr"]) - max(0, b["acc"] - metrics["acc"]) + 1) / 2
+    )
+    assert b["asr_paper"] == b["asr_cond"] and "der" in metrics["val"]
     assert metrics["seconds"] > 0
     assert "[clp]" in proc.stderr and "val ACC" in proc.stderr  # progress is visible
     assert "ASR" in proc.stdout.splitlines()[-1]
@@ -77,6 +83,8 @@ def test_defended_model_evaluates_as_recorded(defended, tiny_attacked):
     again = json.loads(proc.stdout)
     recorded = json.loads((out / "metrics.json").read_text())
     assert again["acc"] == pytest.approx(recorded["acc"]) and again["asr"] == pytest.approx(recorded["asr"])
+    # other weights: asr_paper still conditions on the folder's (backdoored) model, as the defense did
+    assert again["asr_paper"] == pytest.approx(recorded["asr_paper"])
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,27 @@ import numpy as np
 import pytest
 import torch
 
-from trials.data import load_dataset, make_dataset
+from trials.data import DATASETS, load_dataset, make_dataset
 from trials.data.base import stratified_halves, stratified_sample
 from trials.errors import BdlabError, InvalidValue
+from trials.testing import DatasetContract
+
+
+class TestEveryDataset(DatasetContract):
+    """The contract for every registered dataset; imagefolder loads from a tiny tree written here,
+    the torchvision sets (which need their files) are checked for their error."""
+
+    @pytest.fixture(params=DATASETS.names())
+    def dataset_name(self, request):
+        return request.param
+
+    @pytest.fixture
+    def dataset_root(self, dataset_name, tmp_path, monkeypatch):
+        if dataset_name != "imagefolder":
+            return None
+        monkeypatch.setenv("BDLAB_CACHE", str(tmp_path / "cache"))
+        _write_tree(tmp_path / "data", per_class=12)
+        return str(tmp_path / "data")
 
 
 def test_digits_shapes_and_sizes(digits):

@@ -1,89 +1,22 @@
-"""Contract every registered defense passes on a tiny CPU problem in seconds, and the runner's data
-routing: a defense gets exactly the data it declares."""
+"""Contract every registered defense passes on a tiny CPU problem in seconds (trials.testing, the
+same contract a plugin's defense runs), and the runner's data routing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trials.defenses import DATA_KINDS, DEFENSES, DefenseContext, make_defense
+from trials.defenses import DEFENSES, DefenseContext, make_defense
+from trials.device import precision_name
 from trials.errors import InvalidValue
-from trials.presets import available_presets, load_preset
-from trials.run import DefenseSpec, defense_data, run_defense
+from trials.run import defense_data, training_amp
+from trials.testing import DefenseContract
 
 
-# A defense's `smoke` preset (if any) shortens its schedule to a step or two, on top of `cpu`: the
-# contract checks that it runs, keeps its architecture, reports progress and uses its data, not its
-# strength (test_defense_quality.py).
-def smoke_params(name: str) -> dict:
-    params = load_preset(name, "cpu")
-    if "smoke" in available_presets(name):
-        params.update(load_preset(name, "smoke"))
-    return params
-
-
-@pytest.fixture(params=DEFENSES.names())
-def defense_name(request):
-    return request.param
-
-
-def test_every_defense_ships_a_cpu_preset(defense_name):
-    assert "cpu" in available_presets(defense_name)
-    make_defense(defense_name, load_preset(defense_name, "cpu"))  # every preset value is valid
-
-
-def test_defense_runs_keeps_architecture_and_reports(defense_name, tiny_attacked):
-    records = []
-    params = smoke_params(defense_name)
-    if DEFENSES.get(defense_name).data_kind in ("unlabeled", "clean_labeled"):
-        params["data_count"] = 12
-    original = {k: v.clone() for k, v in tiny_attacked.model.state_dict().items()}
-    result = run_defense(DefenseSpec(defense_name, params), tiny_attacked, progress=records.append)
-    after = result.model.state_dict()
-    assert after.keys() == original.keys()
-    assert all(after[k].shape == original[k].shape for k in after)
-    changed = any(not torch.equal(after[k], original[k]) for k in after)
-    assert changed == DEFENSES.get(defense_name).changes_model, "the defense changed nothing"
-    assert all(torch.equal(v, original[k]) for k, v in tiny_attacked.model.state_dict().items()), (
-        "input model mutated"
-    )
-    assert records and all(r["phase"] == defense_name for r in records)
-    assert any("val_acc" in r and "val_asr" in r for r in records)  # the runner monitors the validation half
-    m = result.metrics
-    for key in ("acc", "asr", "asr_cond", "ra", "asr_x4", "asr_x5", "asr_x9"):
-        assert key in m and key in m["val"] and key in m["before"]
-    assert result.spec["defense"]["params"] == {**result.spec["defense"]["params"], **params}
-    assert result.spec["data"]["kind"] == DEFENSES.get(defense_name).data_kind
-
-
-def test_defense_declares_a_known_data_kind(defense_name):
-    assert DEFENSES.get(defense_name).data_kind in DATA_KINDS
-
-
-def test_data_routing_gives_exactly_the_declared_data(defense_name, tiny_attacked):
-    defense = make_defense(defense_name, {"data_count": 10} if "data_count" in _fields(defense_name) else {})
-    data = defense_data(defense, tiny_attacked, seed=0)
-    kind = defense.data_kind
-    held = tiny_attacked.data
-    assert data.kind == kind and data.image_shape == held.image_shape and data.num_classes == held.num_classes
-    if kind == "none":
-        assert data.images is None and data.labels is None and len(data) == 0
-        return
-    if kind in ("unlabeled", "clean_labeled"):
-        assert len(data) == 10
-        rows = {bytes(x.flatten().tolist()) for x in held.heldout_x}
-        assert all(bytes(x.flatten().tolist()) in rows for x in data.images)  # from the held-out part only
-        assert (data.labels is None) == (kind == "unlabeled")
-    if kind == "poisoned_train":
-        images, labels = tiny_attacked.poisoned_train()
-        assert torch.equal(data.images, images) and torch.equal(data.labels, labels)
-        assert not torch.equal(images, held.train_x)  # the stored poisoned rows, not the clean ones
-
-
-def _fields(name):
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(DEFENSES.get(name).Params)}
+class TestEveryDefense(DefenseContract):
+    @pytest.fixture(params=DEFENSES.names())
+    def defense_name(self, request):
+        return request.param
 
 
 def test_poisoned_training_set_is_rebuilt_from_the_folder(tiny_attacked):
@@ -120,3 +53,28 @@ def test_context_report_adds_monitoring_and_keeps_mode():
     ctx.report({"step": 1}, model)
     assert seen == [{"phase": "defense", "step": 1, "val_acc": 0.5, "mode": False}]
     assert model.training
+
+
+def test_logit_comparing_erasers_train_in_fp32_by_default():
+    """Issue 12: DHBE (L1 of nearly equal logits), BCU (distillation) and PBE (logit similarity)
+    train in float32 on CUDA unless the trial asks for bf16; the others under bf16 autocast, except
+    those that never autocast (I-BAU, CLP, identity), declared fp32 so that the record is true."""
+    fp32 = {name for name in DEFENSES.names() if DEFENSES.get(name).precision == "fp32"}
+    assert fp32 == {"dhbe", "bcu", "pbe", "ibau", "clp", "identity"}
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # flags only: no CUDA needed
+    for name in DEFENSES.names():
+        defense = make_defense(name, {})
+        assert training_amp(defense, cuda, None) == (name not in fp32), name
+        assert training_amp(defense, cuda, True) and not training_amp(defense, cuda, False)
+        assert not any(training_amp(defense, cpu, amp) for amp in (None, True, False))  # never on CPU
+
+
+def test_precision_names():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision_name(cuda, True) == "bf16-autocast"
+    assert precision_name(cuda, False) == "fp32+tf32"
+    assert precision_name(cpu, False) == "fp32"
+
+
+def test_attack_records_its_precision(tiny_attacked):
+    assert tiny_attacked.spec["precision"] == {"training": "fp32", "evaluation": "fp32"}  # CPU

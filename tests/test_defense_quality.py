@@ -1,70 +1,66 @@
-"""The erasers on a real backdoor: BadNets 3x3 (target 0, 10 %) on digits with mini_resnet, CPU presets.
+"""The erasers on a real backdoor: BadNets 3x3 (target 0, 10 %) on digits with mini_resnet, CPU
+presets (tests/quality.py: the cases, the bars in ERASURES, and the spread script).
 
-Figures and the runs behind each preset: search_spaces/presets/*.yaml and the README ("Defenses on
-digits"). DHBE does not erase on this problem with any CPU-feasible faithful configuration found so
-far (README); its contract test runs it, and the ablation below checks only what is established.
+A claim near its bar is asserted for a majority of three seeds (`quality.Runs.majority`: two agreeing
+runs decide); figures and the runs behind each preset: trials/defenses/presets/*.yaml and the README
+("Defenses on digits", with the spread over seeds and CPU capabilities). DHBE does not erase on this
+problem with any CPU-feasible faithful configuration found so far (README); its contract test runs it.
 """
 
 from __future__ import annotations
 
 import pytest
+import quality as q
 
-from trials.presets import load_preset
-from trials.run import DefenseSpec, run_defense
-
-
-@pytest.fixture(scope="module")
-def badnets(digits_badnets):
-    return digits_badnets
+pytestmark = pytest.mark.quality
 
 
-def _run(attacked, name, **overrides):
-    params = {**load_preset(name, "cpu"), **overrides}
-    return run_defense(DefenseSpec(name, params, preset="cpu"), attacked)
-
-
-def _defend(attacked, name, **overrides):
-    return _run(attacked, name, **overrides).metrics
-
-
-def test_bcu_cpu_preset_erases_badnets(badnets):
-    m = _defend(badnets, "bcu")
-    assert m["asr"] <= 0.10 and m["val"]["asr"] <= 0.10, m
-    assert m["acc"] >= m["before"]["acc"] - 0.03, m
-
-
-def test_bcu_code_learning_rate_does_not_erase_at_this_scale(badnets):
-    # the measurement behind the preset's lr: the run script's ratios and lr 0.01 -> backdoor restored
-    m = _defend(
-        badnets,
-        "bcu",
-        ratio_stem=0.01,
-        ratio_layer1=0.01,
-        ratio_layer2=0.03,
-        ratio_layer3=0.09,
-        ratio_layer4=0.27,
-        ratio_head=0.1,
-        lr=0.01,
+@pytest.fixture(scope="module", autouse=True)
+def _runs(quality_runs):
+    quality_runs.prefetch(
+        [("bcu", 0), ("bcu", 1), ("pbe", 0), ("pbe", 1), ("bcu_code_lr", 0), ("aft", 0), ("aft", 1)]
+        + [("clp_u3", 0), ("identity", 0)]
     )
-    assert m["asr"] >= 0.5, m
+    return quality_runs
 
 
-def test_clp_runs_at_u3_and_prunes(badnets):
-    result = _run(badnets, "clp", u=3.0)
-    pruned = sum(int(((bn.weight == 0) & (bn.bias == 0)).sum()) for _, bn in result.model.conv_bn_pairs())
-    total = sum(len(bn.weight) for _, bn in result.model.conv_bn_pairs())
+def test_every_erasure_claim_fails_without_a_defense(quality_runs):
+    """The claims' power: the backdoored model itself (the identity defense) meets none of them."""
+    m = quality_runs.metrics("identity")
+    assert m["asr"] == m["before"]["asr"] >= 0.95
+    assert not any(q.erases(case)(m) for case in q.ERASURES)
+
+
+def test_bcu_cpu_preset_erases_badnets(quality_runs):
+    # seeds 0-2 native, 0-1 default: ASR <= 0.006, ACC drop 0.011-0.028
+    held, seen = quality_runs.majority("bcu", q.erases("bcu"))
+    assert held, seen
+
+
+def test_bcu_code_learning_rate_does_not_erase_at_this_scale(quality_runs):
+    # the measurement behind the preset's lr: the run script's ratios and lr 0.01 -> backdoor kept
+    # (ASR 0.92-1.00, seeds 0-2 native, 0-1 default)
+    m = quality_runs.metrics("bcu_code_lr")
+    assert q.kept(m), m
+
+
+def test_clp_runs_at_u3_and_prunes(quality_runs):
+    run = quality_runs.run("clp_u3")
+    pruned, total = run["zeroed_bn_channels"]
     assert 0 < pruned < 0.05 * total  # a few outlier channels, not whole layers
-    m = result.metrics
-    assert m["acc"] >= 0.5, m  # the figure is reported whatever it is (README)
+    m = run["metrics"]
+    # the figure is reported whatever it is: ASR 0.000 to 1.000 between seeds and CPUs (README)
+    assert m["acc"] >= 0.5, m
 
 
-def test_aft_on_clean_held_out_images_erases_badnets(badnets):
-    m = _defend(badnets, "aft")
-    assert m["asr"] <= 0.10, m
-    assert m["acc"] >= m["before"]["acc"] - 0.03, m
+def test_aft_on_clean_held_out_images_erases_badnets(quality_runs):
+    # the cpu preset (10 adversarial epochs): ASR 0.000-0.025, ACC drop 0.017-0.033 (seeds 0-1,
+    # native and default); the code's 3 adversarial epochs leave 0.22-0.52 here (preset file)
+    held, seen = quality_runs.majority("aft", q.erases("aft"))
+    assert held, seen
 
 
-def test_pbe_cpu_preset_erases_badnets_from_the_poisoned_training_set(badnets):
-    m = _defend(badnets, "pbe")
-    assert m["asr"] <= 0.10 and m["val"]["asr"] <= 0.10, m
-    assert m["acc"] >= m["before"]["acc"] - 0.03, m
+def test_pbe_cpu_preset_erases_badnets_from_the_poisoned_training_set(quality_runs):
+    # ASR 0.006-0.080 on four of five runs, 0.383 on one (default, seed 0); ACC drop <= 0.028
+    held, seen = quality_runs.majority("pbe", q.erases("pbe"))
+    assert held, seen

@@ -42,7 +42,7 @@ def _model(image_size: int = 32) -> nn.Module:
     return build_model("mini_resnet", 10, image_size, MEAN, STD)
 
 
-def _ctx(seed: int = 0, **kw) -> DefenseContext:  # type: ignore[no-untyped-def]
+def _ctx(seed: int = 0, **kw) -> DefenseContext:
     return DefenseContext(
         device=torch.device("cpu"), seed=seed, generator=torch.Generator().manual_seed(seed), **kw
     )
@@ -90,14 +90,14 @@ def test_patch_is_added_in_pixel_space(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[torch.Tensor] = []
     original = type(model).forward_normalized
 
-    def spy(self, z):  # type: ignore[no-untyped-def]
+    def spy(self, z):
         seen.append(z.detach().clone())
         return original(self, z)
 
     pads: list[torch.Tensor] = []
     pad_original = PatchGenerator.random_pad
 
-    def pad_spy(self, patch, generator):  # type: ignore[no-untyped-def]
+    def pad_spy(self, patch, generator):
         out = pad_original(self, patch, generator)
         pads.append(out.detach().clone())
         return out
@@ -129,9 +129,9 @@ def test_teacher_untouched_student_bn_changes(monkeypatch: pytest.MonkeyPatch) -
     prepared: list[nn.Module] = []
     real_prepare = dhbe.prepare_model
 
-    def spy_prepare(module, device, fast):  # type: ignore[no-untyped-def]
+    def spy_prepare(module, device, amp):
         prepared.append(module)
-        return real_prepare(module, device, fast)
+        return real_prepare(module, device, amp)
 
     monkeypatch.setattr(dhbe, "prepare_model", spy_prepare)
     student = make_defense("dhbe", TINY).run(model, None, _ctx())
@@ -154,7 +154,7 @@ def test_lam_zero_is_dfad_without_patch_generator(monkeypatch: pytest.MonkeyPatc
     calls = {"n": 0}
     forward = dhbe.PatchGenerator.forward
 
-    def counting(self, z):  # type: ignore[no-untyped-def]
+    def counting(self, z):
         calls["n"] += 1
         return forward(self, z)
 
@@ -170,6 +170,33 @@ def test_lam_zero_is_dfad_without_patch_generator(monkeypatch: pytest.MonkeyPatc
     )  # with lam > 0: one Gp batch per student step and one Gp step
 
 
+def test_lam_zero_takes_dfad_tv2_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DFAD_train.py's TV2 weight is 0, DHBE_train.py's 1e-4: an unset tv2_weight follows lam."""
+    import trials.defenses.dhbe as dhbe
+
+    def weight(params: dict) -> float:
+        return make_defense("dhbe", params).params.tv2_weight
+
+    assert weight({}) == 1e-4 and weight({"lam": 0.5}) == 1e-4
+    assert weight({"lam": 0}) == 0.0
+    assert weight({"lam": "0", "tv2_weight": "1e-4"}) == 1e-4  # an explicit value is kept
+    assert weight({"lam": 0.1, "tv2_weight": 0}) == 0.0
+    assert weight({"tv2_weight": "none"}) == 1e-4
+
+    calls = {"n": 0}
+    original = dhbe.tv2
+
+    def counting(x):
+        calls["n"] += 1
+        return original(x)
+
+    monkeypatch.setattr(dhbe, "tv2", counting)
+    make_defense("dhbe", {**TINY, "lam": 0.0}).run(_model(), None, _ctx())
+    assert calls["n"] == 0  # DFAD: no image prior in the generator's loss
+    make_defense("dhbe", TINY).run(_model(), None, _ctx())
+    assert calls["n"] == ITERS  # DHBE: one TV2 term per generator step
+
+
 def test_tiny_run_reports_and_keeps_architecture() -> None:
     records: list[dict] = []
     model = _model()
@@ -181,10 +208,10 @@ def test_tiny_run_reports_and_keeps_architecture() -> None:
     assert all(r["val_acc"] == 0.5 and r["L_kd"] > 0 and r["L_br"] > 0 and r["loss_Gp"] < 0 for r in records)
     assert records[-1]["lr_S"] == pytest.approx(
         0.1 * 0.1 * 0.1
-    )  # milestones int(0.6*2)=int(0.8*2)=1: decayed twice
+    )  # milestones round(0.6*2)=1, round(0.8*2)=2: decayed twice by the end of epoch 2
 
 
-def test_checkpoint_resume_matches_uninterrupted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_resume_matches_uninterrupted(tmp_path) -> None:
     params = {**TINY, "epochs": 3}
     straight = make_defense("dhbe", params).run(_model(), None, _ctx())
 

@@ -78,37 +78,37 @@ def ray_cluster():
 
 @pytest.fixture
 def plugin_registry():
-    """`faulty` is registered in this process while a sweep loads it; the registry is restored after,
-    so the contract tests never see it."""
+    """`faulty` (and the plugin's metric) are registered in this process while a sweep loads them;
+    the registries are restored after, so the contract tests never see them."""
     from trials.defenses import DEFENSES
+    from trials.metrics import METRICS
 
-    saved = dict(DEFENSES._entries)
     sys.path.insert(0, str(TESTS))
-    yield
+    with DEFENSES.scope(), METRICS.scope():
+        yield
     sys.path.remove(str(TESTS))
-    DEFENSES._entries.clear()
-    DEFENSES._entries.update(saved)
     sys.modules.pop("sweep_plugins", None)
 
 
 def attack_runs(store, key: str | None = None):
-    from bdlab.cache import ATTACK_EXPERIMENT
-    from bdlab.tracking import find_runs
+    from bdlab.tracking import schema
 
-    tags = {"bdlab.phase": "attack"} if key is None else {"bdlab.cache_key": key}
-    return find_runs(store, [store.experiment_id(ATTACK_EXPERIMENT)], tags, statuses=("FINISHED",))
+    tracker = store.tracker()
+    tags = {schema.PHASE: "attack"} if key is None else {schema.CACHE_KEY: key}
+    return tracker.find_runs([tracker.experiment_id(schema.ATTACK_EXPERIMENT)], tags, statuses=("FINISHED",))
 
 
 def defense_runs(store, sweep: str, statuses=("FINISHED", "FAILED", "RUNNING", "KILLED")):
-    from bdlab.tracking import find_runs, sweep_experiment_name
+    from bdlab.tracking import schema
 
-    exp = store.experiment_id(sweep_experiment_name(sweep))
-    return find_runs(store, [exp], {"bdlab.sweep": sweep, "bdlab.phase": "defense"}, statuses=statuses)
+    tracker = store.tracker()
+    exp = tracker.experiment_id(schema.sweep_experiment(sweep))
+    return tracker.find_runs([exp], {schema.SWEEP: sweep, schema.PHASE: "defense"}, statuses=statuses)
 
 
 def max_overlap(runs) -> int:
     events = sorted(
-        [(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs],
+        [(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs],
         key=lambda e: (e[0], e[1]),
     )
     now = best = 0
@@ -129,20 +129,20 @@ def test_tiny_sweep_records_everything_and_resumes_from_cache(
     results = tmp_path / "results"
     summary = run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
     store = Store.open(results, mlflow_server_uri)
-    client = store.client()
+    tracker = store.tracker()
 
     # MLflow: one parent run, 12 child runs nested under it, with metrics, tags and artifacts
     children = defense_runs(store, "tiny")
     assert len(children) == 12
-    parents = {r.data.tags["mlflow.parentRunId"] for r in children}
+    parents = {r.tags["mlflow.parentRunId"] for r in children}
     assert len(parents) == 1
-    parent = client.get_run(parents.pop())
-    assert parent.data.tags["bdlab.kind"] == "sweep" and parent.data.tags["bdlab.sweep"] == "tiny"
+    parent = tracker.get_run(parents.pop())
+    assert parent.tags["bdlab.kind"] == "sweep" and parent.tags["bdlab.sweep"] == "tiny"
     for r in children:
-        assert r.info.status == "FINISHED"
-        patch_only = ("asr_x4", "asr_x5", "asr_x9") if r.data.tags["bdlab.attack"] == "badnets" else ()
+        assert r.status == "FINISHED"
+        patch_only = ("asr_x4", "asr_x5", "asr_x9") if r.tags["bdlab.attack"] == "badnets" else ()
         for m in ("acc", "asr", "asr_cond", "ra", "seconds", "val_acc", "val_asr", *patch_only):
-            assert m in r.data.metrics, m
+            assert m in r.metrics, m
         for t in (
             "bdlab.sweep",
             "bdlab.phase",
@@ -155,23 +155,24 @@ def test_tiny_sweep_records_everything_and_resumes_from_cache(
             "bdlab.study",
             "bdlab.status",
         ):
-            assert r.data.tags.get(t), t
-        assert r.data.tags["bdlab.status"] == "complete"
-        files = {f.path for f in client.list_artifacts(r.info.run_id, "defended")}
+            assert r.tags.get(t), t
+        assert r.tags["bdlab.status"] == "complete"
+        files = set(tracker.list_artifacts(r.run_id, "defended"))
         assert {
             "defended/model.safetensors",
             "defended/spec.yaml",
             "defended/metrics.json",
             "defended/trigger.png",
         } <= files
-    history = client.get_metric_history(children[0].info.run_id, "val_acc")
+    history = tracker.metric_history(children[0].run_id, "val_acc")
     assert len(history) >= 1  # step-wise
-    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    parent_files = set(tracker.list_artifacts(parent.run_id))
     assert {"summary.md", "summary.json", "tiny.parquet"} <= parent_files
-    assert len(client.list_artifacts(parent.info.run_id, "pareto")) == 4
+    assert len(tracker.list_artifacts(parent.run_id, "pareto")) == 4
 
-    # the fake GPU: trials asking 0.25 ran four at a time, never more
-    assert max_overlap(children) == 4
+    # the fake GPU: trials asking 0.25 shared it, never more than four at a time (how many actually
+    # overlapped depends on how fast actors start on this machine: two at least, four at most)
+    assert 2 <= max_overlap(children) <= 4
 
     # Optuna: one study per cell, 3 complete trials each, the default configuration first
     studies = optuna.get_all_study_summaries(store.optuna_url)
@@ -184,26 +185,41 @@ def test_tiny_sweep_records_everything_and_resumes_from_cache(
         assert all(len(t.values) == 2 for t in trials)
     assert len(summary["cells"]) == 4 and all(c["default"] for c in summary["cells"])
 
+    # a metric added through its one definition (tests/sweep_plugins.py) reaches every trial's run,
+    # the Parquet table and the summary, with nothing else changed
+    import pyarrow.parquet as pq
+
+    assert all({"clean_errors", "val_clean_errors"} <= set(r.metrics) for r in children)
+    table = pq.read_table(results / "tiny.parquet").to_pydict()
+    assert len(table["clean_errors"]) == 12 and all(v is not None and v >= 0 for v in table["clean_errors"])
+    assert all(v is not None for v in table["val_clean_errors"])
+    assert all(c["default"]["report"]["clean_errors"] is not None for c in summary["cells"])
+    # a defense-only metric (DER against the backdoored model) takes the same way
+    assert all({"der", "val_der"} <= set(r.metrics) for r in children)
+    assert all(0 <= v <= 1 for v in table["der"] + table["val_der"])
+
     # the attacked models: two trained, found again by cache key
-    keys = {r.data.tags["bdlab.cache_key"] for r in children}
+    keys = {r.tags["bdlab.cache_key"] for r in children}
     assert len(keys) == 2 and all(len(attack_runs(store, k)) == 1 for k in keys)
     printed = capsys.readouterr().out
 
-    # re-running: no attacked model trained, no trial repeated, the same summary
-    started = time.monotonic()
+    # re-running: no attacked model trained, no trial repeated, the same summary (counted, not timed:
+    # a wall-time bound would fail on a machine twice as slow)
     again = run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
-    assert time.monotonic() - started < 60
+    rerun = capsys.readouterr().out
+    assert "[attack] 2 of 2 attacked models cached" in rerun
+    assert "[defense] 4 cells, 12 trials kept from earlier runs, 0 to run" in rerun
     assert len(defense_runs(store, "tiny")) == 12
     assert all(len(attack_runs(store, k)) == 1 for k in keys)
     assert again["cells"] == summary["cells"]
     table = lambda text: text[text.index("| cell |") : text.index("results table")]  # noqa: E731
-    assert table(capsys.readouterr().out) == table(printed)
+    assert table(rerun) == table(printed)
 
     # --fresh: every defense trial again (a new generation), still no attacked model trained
     run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster, fresh=True)
     runs = defense_runs(store, "tiny")
     assert len(runs) == 24
-    assert {r.data.tags["bdlab.generation"] for r in runs} == {"1", "2"}
+    assert {r.tags["bdlab.generation"] for r in runs} == {"1", "2"}
     assert all(len(attack_runs(store, k)) == 1 for k in keys)
     assert len(attack_runs(store)) == 2
 
@@ -234,18 +250,18 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
     assert len(runs) == 5  # a retried trial keeps its one run
     by_defense = {}
     for r in runs:
-        by_defense.setdefault(r.data.tags["bdlab.defense"], []).append(r)
-    assert all(r.info.status == "FINISHED" for r in by_defense["clp"])
-    failed = [r for r in by_defense["faulty"] if r.info.status == "FAILED"]
+        by_defense.setdefault(r.tags["bdlab.defense"], []).append(r)
+    assert all(r.status == "FINISHED" for r in by_defense["clp"])
+    failed = [r for r in by_defense["faulty"] if r.status == "FAILED"]
     assert len(failed) == 2
-    reasons = {r.data.tags["bdlab.failure"] for r in failed}
+    reasons = {r.tags["bdlab.failure"] for r in failed}
     assert all(
         "RuntimeError: faulty defense asked to fail" in x or "non-finite weights" in x for x in reasons
     )
     # the retried trial's run: complete, its first attempt's failure kept under another tag
-    (retried,) = [r for r in by_defense["faulty"] if r.info.status == "FINISHED"]
-    assert "bdlab.failure" not in retried.data.tags
-    assert "fails its first attempt" in retried.data.tags["bdlab.earlier_failure"]
+    (retried,) = [r for r in by_defense["faulty"] if r.status == "FINISHED"]
+    assert "bdlab.failure" not in retried.tags
+    assert "fails its first attempt" in retried.tags["bdlab.earlier_failure"]
     assert (tmp_path / "failed-once").exists()
     cells = {c["cell"].split(" :: ")[1]: c for c in summary["cells"]}
     assert (cells["clp"]["complete"], cells["clp"]["failed"]) == (2, 0)
@@ -300,9 +316,10 @@ def test_killed_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_pat
     spec_path, results = write_spec(tmp_path, spec), tmp_path / "results"
     proc = _sweep_process(spec_path, results, ray_cluster, tmp_path / "first.log")
     optuna_db = results / "optuna.db"
-    deadline = time.monotonic() + 300
+    # no deadline of our own: the loop ends when two trials completed (or the driver exited, which the
+    # assert below reports); CI's own limit catches a hang, and a slower machine just waits longer
     done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
+    while proc.poll() is None:
         time.sleep(1)
         if optuna_db.exists():
             try:
@@ -327,8 +344,8 @@ def test_killed_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_pat
     assert [t.number for t in trials] == list(range(6))
     assert all(t.state.name == "COMPLETE" for t in trials)
     runs = defense_runs(store, "resume")
-    assert sorted(int(r.data.tags["bdlab.trial"]) for r in runs) == list(range(6))
-    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(int(r.tags["bdlab.trial"]) for r in runs) == list(range(6))
+    assert all(r.status == "FINISHED" for r in runs)
 
 
 def test_two_sweeps_at_once_train_a_shared_attacked_model_once(ray_cluster, mlflow_server_uri, tmp_path):
@@ -366,6 +383,6 @@ def test_two_sweeps_at_once_train_a_shared_attacked_model_once(ray_cluster, mlfl
     for p, name in zip(procs, ("race_a", "race_b"), strict=True):
         assert p.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     store = Store.open(tmp_path / "race_a", mlflow_server_uri)
-    keys = {r.data.tags["bdlab.cache_key"] for n in ("race_a", "race_b") for r in defense_runs(store, n)}
+    keys = {r.tags["bdlab.cache_key"] for n in ("race_a", "race_b") for r in defense_runs(store, n)}
     assert len(keys) == 1
     assert len(attack_runs(store, keys.pop())) == 1

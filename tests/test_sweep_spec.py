@@ -24,7 +24,16 @@ from bdlab.spaces import (
     suggest,
     to_optuna,
 )
-from bdlab.spec import AttackCell, expand_grid, load_sweep, parse_sweep
+from bdlab.spec import (
+    AttackCell,
+    FailurePolicy,
+    Resources,
+    SamplerSettings,
+    TrialResources,
+    expand_grid,
+    load_sweep,
+    parse_sweep,
+)
 
 from trials.defenses import DEFENSES
 from trials.errors import InvalidValue
@@ -78,9 +87,9 @@ def test_quickstart_loads():
     assert cells[4].label == "digits/mini_resnet/blended/s0 :: clp"
     assert cells[7].label == "digits/mini_resnet/blended/s0 :: dhbe"
     assert spec.objectives == {"acc": "max", "asr": "min"}
-    assert spec.sampler == {"name": "tpe", "seed": 0}
-    assert spec.resources == {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 1, "gpu": 0}}
-    assert spec.failure == {"max_retries": 1}
+    assert spec.sampler == SamplerSettings(name="tpe", seed=0)
+    assert spec.resources == Resources(TrialResources(cpu=1, gpu=0), TrialResources(cpu=1, gpu=0))
+    assert spec.failure == FailurePolicy(max_retries=1)
     assert spec.device == "auto"
     # DHBE stays CPU-sized on top of the cpu preset: no width, batch or schedule is searched.
     dhbe = spec.defenses[3]
@@ -243,7 +252,7 @@ def test_fixed_values_are_typed():
 
 def test_resources_fractional_and_whole_gpus():
     data = {**base_spec(), "resources": {"attack": {"gpu": 2}, "defense": {"cpu": 2, "gpu": 0.25}}}
-    assert parse_sweep(data).resources == {"attack": {"cpu": 1, "gpu": 2}, "defense": {"cpu": 2, "gpu": 0.25}}
+    assert parse_sweep(data).resources == Resources(TrialResources(cpu=1, gpu=2), TrialResources(cpu=2, gpu=0.25))
 
 
 # --- errors: one line naming the file, the path inside it, the value and what is allowed -----------
@@ -391,7 +400,7 @@ ERRORS = [
         ["defenses[0]: 'trails'", "valid keys: name, preset, fixed, space, trials"],
     ),
     ("bad sampler", _with(sampler={"name": "cmaes"}), ["sampler.name: 'cmaes'", "tpe, random, gp, nsga2"]),
-    ("bad retries", _with(failure={"max_retries": -1}), ["failure.max_retries: -1", "integer >= 0"]),
+    ("bad retries", _with(failure={"max_retries": -1}), ["failure.max_retries: -1", "must be >= 0"]),
     ("bad device", _with(device="gpu"), ["device: 'gpu'", "auto, cpu, cuda or cuda:N"]),
     ("bad name", _with(name="my sweep"), ["name: 'my sweep'", "letters, digits"]),
     (
@@ -469,7 +478,6 @@ def plugin_dir(tmp_path, monkeypatch):
     """A module that registers a defense; the registry is restored afterwards."""
     import sys
 
-    saved = dict(DEFENSES._entries)
     (tmp_path / "spec_plugin.py").write_text(
         "from dataclasses import dataclass\n"
         "from trials.defenses import Defense, register_defense\n"
@@ -486,9 +494,8 @@ def plugin_dir(tmp_path, monkeypatch):
     )
     (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom\\nsecond line')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    DEFENSES._entries.clear()
-    DEFENSES._entries.update(saved)
+    with DEFENSES.scope():
+        yield tmp_path
     for name in ("spec_plugin", "broken_plugin"):
         sys.modules.pop(name, None)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from trials.attacks import make_attack
-from trials.attacks.patch import amplified_positions, paste
+from trials.attacks.patch import DHBE_TRIGGER_SIZES, amplified_positions, dhbe_trigger, make_pattern, paste
+from trials.errors import InvalidValue
 
 SHAPE = (3, 8, 8)
 
@@ -103,3 +105,81 @@ def test_dirty_label_selection_and_all_to_all():
     assert torch.equal(c.target_labels(torch.tensor([0, 9, 4])), torch.tensor([1, 0, 5]))
     assert torch.all(c.attacked_mask(torch.tensor([0, 9])))
     assert torch.equal(a.attacked_mask(torch.tensor([0, 9])), torch.tensor([False, True]))
+
+
+# The DHBE code's triggers (yanzhicong/DHBE backdoor/trigger.py), written out by hand.
+DHBE_CODE = {
+    ("tri1", 1): [[0]],
+    ("tri2", 1): [[1]],
+    ("tri1", 2): [[0, 1], [1, 0]],
+    ("tri2", 2): [[1, 0], [0, 1]],
+    ("tri1", 3): [[0, 1, 0], [1, 0, 1], [0, 1, 0]],
+    ("tri2", 3): [[1, 0, 1], [0, 1, 0], [1, 0, 1]],
+    ("tri1", 5): [
+        [0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0],
+    ],
+    ("tri2", 5): [
+        [1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1],
+    ],
+    ("tri1", 7): [
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+    ],
+    ("tri2", 7): [
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+        [0, 1, 0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 1, 0, 1],
+    ],
+}
+
+
+@pytest.mark.parametrize("family, size", sorted(DHBE_CODE))
+def test_badnets_stamps_the_dhbe_code_triggers_by_name(family: str, size: int):
+    attack = make_attack("badnets", {"pattern": family, "size": size}, 10, SHAPE, 0)
+    x = torch.full((2, 3, 8, 8), 0.5)
+    expected = x.clone()
+    expected[:, :, 8 - size :, 8 - size :] = torch.tensor(DHBE_CODE[family, size], dtype=torch.float32)
+    assert torch.equal(attack.apply(x), expected)  # bottom-right, offset 0, every channel
+
+
+def test_tri2_is_the_inverse_of_tri1_and_checkerboard_its_phase():
+    for size in DHBE_TRIGGER_SIZES:
+        tri1, tri2 = dhbe_trigger("tri1", size), dhbe_trigger("tri2", size)
+        assert torch.equal(tri1 + tri2, torch.ones(3, size, size))
+        assert torch.equal(make_pattern("checkerboard", size), tri2)
+    assert torch.equal(make_pattern("dhbe", 3), dhbe_trigger("tri1", 3))
+
+
+def test_old_dhbe_pattern_is_a_nearest_neighbour_enlargement_not_tri1():
+    enlarged = [  # tri1_3x3 rows/columns 0, 0, 1, 1, 2
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 1],
+        [1, 1, 0, 0, 1],
+        [0, 0, 1, 1, 0],
+    ]
+    assert torch.equal(make_pattern("dhbe", 5), torch.tensor(enlarged, dtype=torch.float32).expand(3, 5, 5))
+    assert not torch.equal(make_pattern("dhbe", 5), make_pattern("tri1", 5))
+
+
+def test_dhbe_triggers_only_at_the_code_sizes():
+    with pytest.raises(InvalidValue, match="'size'.*1, 2, 3, 5, 7"):
+        make_attack("badnets", {"pattern": "tri1", "size": 4}, 10, SHAPE, 0)
+    make_attack("badnets", {"pattern": "checkerboard", "size": 4}, 10, SHAPE, 0)  # any size

@@ -1,4 +1,6 @@
-"""Device choice at run time, and the CUDA-only speedups (channels_last, bf16 autocast)."""
+"""Device choice at run time, the CUDA-only speedups (channels_last, bf16 autocast, TF32), and the
+precision of a trial: training under bf16 autocast or in float32 (TF32 allowed on CUDA), evaluation
+always in IEEE float32 (`exact_fp32`)."""
 
 from __future__ import annotations
 
@@ -26,25 +28,61 @@ def pick_device(requested: str | None = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def use_fast_path(device: torch.device, amp: bool | None) -> bool:
-    """bf16 autocast and channels_last: on by default on CUDA, never on the CPU."""
-    return device.type == "cuda" and (amp is None or amp)
+def use_amp(device: torch.device, amp: bool | None, default: bool = True) -> bool:
+    """bf16 autocast and channels_last in training: never on the CPU; on CUDA `amp`, or `default`
+    when it is None (a defense's declared precision; attacks train under autocast)."""
+    return device.type == "cuda" and (default if amp is None else amp)
 
 
-def prepare_model(model: nn.Module, device: torch.device, fast: bool) -> nn.Module:
+def allow_tf32(device: torch.device) -> None:
+    """Where a trial prepares its device: float32 matmuls and convolutions may use TF32 on CUDA (the
+    training of fp32 defenses, and of any trial run without amp). Evaluation turns it off again
+    (`exact_fp32`). Only the torch >= 2.9 `fp32_precision` flags are used: torch refuses to read
+    the TF32 flags once the legacy `allow_tf32` and the new ones are mixed."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def precision_name(device: torch.device, amp: bool) -> str:
+    """The training precision a trial records in spec.yaml: bf16-autocast, fp32+tf32 or fp32."""
+    if amp:
+        return "bf16-autocast"
+    return "fp32+tf32" if device.type == "cuda" else "fp32"
+
+
+_TF32_FLAGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """IEEE float32 inside, whatever the caller set: autocast off (even inside an active autocast
+    region) and, on CUDA, no TF32; the flags are restored on exit. Every evaluation runs in it."""
+    saved = [flags.fp32_precision for flags in _TF32_FLAGS] if device.type == "cuda" else []
+    try:
+        for flags in _TF32_FLAGS[: len(saved)]:
+            flags.fp32_precision = "ieee"
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        for flags, value in zip(_TF32_FLAGS, saved, strict=False):
+            flags.fp32_precision = value
+
+
+def prepare_model(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
     model = model.to(device)
-    if fast:
+    if amp:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def prepare_input(x: torch.Tensor, fast: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if fast else x
+def prepare_input(x: torch.Tensor, amp: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if amp else x
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device, fast: bool) -> Iterator[None]:
-    if fast:
+def autocast(device: torch.device, amp: bool) -> Iterator[None]:
+    if amp:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
     else:

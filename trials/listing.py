@@ -38,11 +38,19 @@ def format_family(family: str) -> str:
         if family == "datasets":
             rows = rows + describe(split_params)
         if family == "defenses":
-            from trials.presets import available_presets
+            from trials.presets import available_presets, default_space_params
 
             presets = ", ".join(available_presets(name)) or "none"
-            lines.append(f"      (data: {obj.data_kind}; presets: {presets})")
-        for row in rows:
-            allowed = f" {row['allowed']}" if row["allowed"] else ""
-            lines.append(f"      {row['name']}: {row['type']} = {row['default']!r}{allowed}  # {row['doc']}")
+            space = ", ".join(default_space_params(name)) or "none"
+            lines.append(f"      (data: {obj.data_kind}; presets: {presets}; default space: {space})")
+        lines.extend(format_params(rows))
     return "\n".join(lines)
+
+
+def format_params(rows: list[dict], indent: str = "      ") -> list[str]:
+    """`describe` rows as `name: type = default allowed  # doc` lines."""
+    lines = []
+    for row in rows:
+        allowed = f" {row['allowed']}" if row["allowed"] else ""
+        lines.append(f"{indent}{row['name']}: {row['type']} = {row['default']!r}{allowed}  # {row['doc']}")
+    return lines

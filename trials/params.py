@@ -44,7 +44,7 @@ def describe(params_cls: type) -> list[dict[str, Any]]:
     hints = typing.get_type_hints(params_cls)
     rows = []
     for f in dataclasses.fields(params_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append(
             {
                 "name": f.name,

@@ -1,4 +1,5 @@
-"""Named parameter presets of the defenses, kept as data in `search_spaces/presets/<defense>.yaml`.
+"""Named parameter presets of the defenses, kept as data in `trials/defenses/presets/<defense>.yaml`
+(package data: found the same way in a checkout and in an installed package).
 
 Each file maps a preset name to parameter values, e.g. `cpu:` (a schedule sized for a 2-core CPU,
 used by the tests and the demo). The papers' values stay the defenses' defaults; a preset only
@@ -14,7 +15,9 @@ import yaml
 
 from trials.errors import InvalidValue
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "defenses" / "presets"
+# each defense's default Optuna search space (read and checked by bdlab.spaces; listed by `bdlab list`)
+SPACE_DIR = Path(__file__).resolve().parent / "defenses" / "spaces"
 
 
 def available_presets(defense: str) -> list[str]:
@@ -28,6 +31,14 @@ def load_preset(defense: str, name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{defense}.yaml"
     presets = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     if name not in presets:
-        allowed = ", ".join(sorted(presets)) or f"none (no {path.name} under search_spaces/presets)"
+        allowed = ", ".join(sorted(presets)) or f"none (no {path.name} under trials/defenses/presets)"
         raise InvalidValue("--preset", name, f"one of: {allowed}")
     return dict(presets[name] or {})
+
+
+def default_space_params(defense: str) -> list[str]:
+    """The parameters the defense's default search space varies (none when it has no space file)."""
+    path = SPACE_DIR / f"{defense}.yaml"
+    if not path.exists():
+        return []
+    return list((yaml.safe_load(path.read_text()) or {}).keys())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -38,8 +38,8 @@ class TrainRecipe:
     momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay", low=0.0)
     schedule: Literal["multistep", "cosine", "constant"] = param("multistep", "learning-rate schedule")
-    milestones: tuple[float, ...] = param(
-        (0.5, 0.75), "multistep decay points as fractions of the epochs (100/150 of 200)"
+    milestone_fractions: tuple[float, ...] = param(
+        (0.5, 0.75), "multistep decay points as fractions of the epochs (100/150 of 200)", low=0.0, high=1.0
     )
     gamma: float = param(0.1, "multistep decay factor", low=0.0, high=1.0)
     crop_pad: int = param(4, "random-crop padding in pixels (0 = no crop)", low=0)
@@ -47,19 +47,22 @@ class TrainRecipe:
     drop_last: bool = param(True, "drop the last incomplete batch of an epoch")
 
 
-# CPU-sized recipes per dataset: what `bdlab attack` uses unless told otherwise.
-DATASET_RECIPES: dict[str, TrainRecipe] = {
-    # 1,293 images: 30 epochs of 10 steps train mini_resnet to ~99% in well under a minute on 2 cores.
-    "digits": TrainRecipe(epochs=30, batch_size=128, lr=0.05, crop_pad=2, flip=False),
-}
-
-
-def default_recipe(dataset: str) -> TrainRecipe:
-    return DATASET_RECIPES.get(dataset, TrainRecipe())
-
-
 def make_optimizer(params: Iterable[nn.Parameter], recipe: TrainRecipe) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+# The multistep schedule, defined once. `milestones` are always epochs (0-based: the rate drops
+# from that epoch on); a parameter that holds fractions of a run is named `milestone_fractions`.
+
+
+def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
+    """Fractions of a run of `epochs` epochs -> milestone epochs (rounded to the nearest)."""
+    return sorted(round(f * epochs) for f in fractions)
+
+
+def step_decay(epoch: int, milestones: Sequence[int], gamma: float) -> float:
+    """The factor on the initial rate at a (0-based) epoch: gamma per milestone reached."""
+    return gamma ** sum(epoch >= m for m in milestones)
 
 
 def lr_at(recipe: TrainRecipe, epoch: int) -> float:
@@ -68,13 +71,7 @@ def lr_at(recipe: TrainRecipe, epoch: int) -> float:
         return recipe.lr
     if recipe.schedule == "cosine":
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * epoch / recipe.epochs))
-    drops = sum(epoch >= round(m * recipe.epochs) for m in recipe.milestones)
-    return recipe.lr * recipe.gamma**drops
-
-
-def scaled(recipe: TrainRecipe, epochs: int | None) -> TrainRecipe:
-    """The same recipe for another number of epochs (milestones are fractions, so they follow)."""
-    return recipe if epochs is None else replace(recipe, epochs=epochs)
+    return recipe.lr * step_decay(epoch, milestone_epochs(recipe.milestone_fractions, recipe.epochs), recipe.gamma)
 
 
 def train_classifier(
@@ -85,7 +82,7 @@ def train_classifier(
     *,
     generator: torch.Generator,
     flip_allowed: bool = True,
-    fast: bool = False,
+    amp: bool = False,
     batch_hook: BatchHook | None = None,
     poisoned_mask: torch.Tensor | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
@@ -120,8 +117,8 @@ def train_classifier(
                     poisoned_mask[idx] if poisoned_mask is not None else torch.zeros_like(y, dtype=torch.bool)
                 )
                 x, y = batch_hook(x, y, rows, generator)
-            with autocast(device, fast):
-                loss = F.cross_entropy(model(prepare_input(x, fast)), y)
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(prepare_input(x, amp)), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

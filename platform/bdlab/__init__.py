@@ -1,3 +1,4 @@
-"""bdlab: the platform that drives `trials` (CLI now; sweeps, scheduling, tracking to come)."""
+"""bdlab: the platform that drives `trials`: sweep specs, the Ray Tune phases, Optuna studies, tracking
+in MLflow, reports, and the `bdlab` command line."""
 
 __version__ = "0.1.0"

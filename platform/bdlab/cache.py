@@ -32,15 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bdlab.claims import claim_tags, claims, contend, withdraw
-from bdlab.tracking import (
-    KIND_TAG,
-    Store,
-    _tag_values,
-    download_folder,
-    find_runs,
-    log_folder,
-    set_tags,
-)
+from bdlab.tracking import Tracker, schema
 from trials.errors import BdlabError, InvalidValue
 
 log = logging.getLogger(__name__)
@@ -51,14 +43,12 @@ CODE_VERSION_FILES = (
     "trials/models/**/*.py",
     "trials/attacks/**/*.py",
     "trials/training.py",
-    "trials/run.py",
+    "trials/run/attack.py",
+    "trials/run/folder.py",
     "trials/metrics.py",
 )
-ATTACK_EXPERIMENT = "bdlab/attacked-models"
 ATTACKED_ARTIFACT = "attacked"  # the run's artifact folder holding the attacked-model folder
-KEY_TAG = "bdlab.cache_key"
 LISTED = ("RUNNING", "FINISHED")  # a FINISHED run with the key ends every claim on it
-CODE_TAG = "bdlab.code_version"
 
 
 class ClaimTimeout(BdlabError):
@@ -129,14 +119,15 @@ def cache_key(identity: Mapping[str, Any], device_kind: str | None = None) -> st
 # --- finding and claiming --------------------------------------------------------------------------
 
 
-def find_attacked(store: Store, key: str) -> str | None:
+def find_attacked(tracker: Tracker, key: str) -> str | None:
     """The run id of a FINISHED attack run with this key (the oldest, if several), or None."""
-    runs = find_runs(store, [store.experiment_id(ATTACK_EXPERIMENT)], {KEY_TAG: key}, ("FINISHED",))
-    return runs[-1].info.run_id if runs else None
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
+    runs = tracker.find_runs([experiment], {schema.CACHE_KEY: key}, ("FINISHED",))
+    return runs[-1].run_id if runs else None
 
 
 def claim_attacked(
-    store: Store,
+    tracker: Tracker,
     key: str,
     label: str,
     tags: Mapping[str, Any],
@@ -147,48 +138,46 @@ def claim_attacked(
     """(run id, True) when this caller must train the attacked model `key` into the returned run;
     (run id of the finished model, False) when it exists or another process trained it meanwhile.
     Raises ClaimTimeout after `wait_s` seconds of waiting for another process."""
-    client = store.client()
-    experiment = store.experiment_id(ATTACK_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
     deadline = time.monotonic() + wait_s
     while True:
-        found = find_attacked(store, key)
+        found = find_attacked(tracker, key)
         if found:
             return found, False
-        match = {KEY_TAG: key}
-        run = client.create_run(
-            experiment,
-            tags=_tag_values({KIND_TAG: "attack", **tags, **match, **claim_tags()}),
-            run_name=label,
+        match = {schema.CACHE_KEY: key}
+        me = tracker.create_run(
+            experiment, label, tags={schema.KIND: "attack", **tags, **match, **claim_tags()}
         )
-        me = run.info.run_id
         try:
-            outcome, winner, _ = contend(store, experiment, match, me, poll_s, stale_s, LISTED)
+            outcome, winner, _ = contend(tracker, experiment, match, me, poll_s, stale_s, LISTED)
         except BaseException:
-            withdraw(store, me)
+            withdraw(tracker, me)
             raise
         if outcome == "won":
             return me, True
         if winner is not None:  # a finished model appeared meanwhile
             return winner, False
-        finished = _wait_for_claims(store, key, deadline, poll_s, stale_s)
+        finished = _wait_for_claims(tracker, key, deadline, poll_s, stale_s)
         if finished is not None:
             return finished, False
         time.sleep(random.uniform(0, poll_s))  # the winner failed or vanished: retry, out of step
 
 
-def _wait_for_claims(store: Store, key: str, deadline: float, poll_s: float, stale_s: float) -> str | None:
+def _wait_for_claims(
+    tracker: Tracker, key: str, deadline: float, poll_s: float, stale_s: float
+) -> str | None:
     """Poll until a run with `key` finishes (its id) or no live claim is left (None)."""
-    experiment = store.experiment_id(ATTACK_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
     while True:
-        finished, live = claims(store, experiment, {KEY_TAG: key}, stale_s, statuses=LISTED)
+        finished, live = claims(tracker, experiment, {schema.CACHE_KEY: key}, stale_s, statuses=LISTED)
         if finished:
             return finished
         if not live:
             return None
         if time.monotonic() > deadline:
             raise ClaimTimeout(
-                f"attacked model {key}: still being trained by run {live[0].info.run_id} "
-                f"in {store.tracking_uri}; waited longer than wait_s"
+                f"attacked model {key}: still being trained by run {live[0].run_id} "
+                f"in {tracker.uri}; waited longer than wait_s"
             )
         time.sleep(poll_s)
 
@@ -196,28 +185,28 @@ def _wait_for_claims(store: Store, key: str, deadline: float, poll_s: float, sta
 # --- moving attacked-model folders -----------------------------------------------------------------
 
 
-def log_attacked(store: Store, run_id: str, folder: str | Path) -> None:
+def log_attacked(tracker: Tracker, run_id: str, folder: str | Path) -> None:
     """Upload an attacked-model folder (from `trials.run.save_attack_result`) into the claim's run."""
-    log_folder(store, run_id, folder, ATTACKED_ARTIFACT)
-    set_tags(store, run_id, {CODE_TAG: code_version()})
+    tracker.log_folder(run_id, folder, ATTACKED_ARTIFACT)
+    tracker.set_tags(run_id, {schema.CODE_VERSION: code_version()})
 
 
-def fetch_attacked(store: Store, run_id: str, dest_root: str | Path) -> Path:
+def fetch_attacked(tracker: Tracker, run_id: str, dest_root: str | Path) -> Path:
     """The run's attacked-model folder, downloaded once into dest_root/<key>/ (atomically: into a
     temporary folder, then renamed) and reused afterwards. Loadable by `trials.run.load_attacked`."""
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
-    key = store.client().get_run(run_id).data.tags.get(KEY_TAG) or run_id
+    key = tracker.get_run(run_id).tags.get(schema.CACHE_KEY) or run_id
     target = dest_root / key
     if _complete(target):
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest_root))
     try:
-        folder = download_folder(store, run_id, ATTACKED_ARTIFACT, tmp)
+        folder = tracker.download_folder(run_id, ATTACKED_ARTIFACT, tmp)
         if not _complete(folder):
             raise BdlabError(
                 f"attacked model {key}: run {run_id} holds no complete {ATTACKED_ARTIFACT!r} folder "
-                f"in {store.tracking_uri}"
+                f"in {tracker.uri}"
             )
         if target.exists() and not _complete(target):  # a leftover that is not ours to trust
             shutil.rmtree(target, ignore_errors=True)

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attack.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     attack.add_argument(
-        "--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA"
+        "--no-amp",
+        action="store_true",
+        help="train in float32 (TF32 allowed) on CUDA, not under bf16 autocast",
     )
     attack.add_argument(
         "--clean-reference", action="store_true", help="also train a clean model for comparison"
@@ -53,15 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--attacked", required=True, help="folder written by `bdlab attack`")
     defend.add_argument("--defense", required=True, help="registered defense (see `bdlab list defenses`)")
     defend.add_argument(
-        "--preset", default=None, help="named preset of search_spaces/presets/<defense>.yaml, e.g. cpu"
+        "--preset", default=None, help="named preset of trials/defenses/presets/<defense>.yaml, e.g. cpu"
     )
     defend.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)"
     )
     defend.add_argument("--seed", type=int, default=0)
     defend.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    defend.add_argument(
-        "--no-amp", action="store_true", help="disable bf16 autocast and channels_last on CUDA"
+    precision = defend.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="train in float32 (TF32 allowed) on CUDA, whatever the defense declares",
+    )
+    precision.add_argument(
+        "--amp",
+        action="store_true",
+        help="train under bf16 autocast on CUDA, also a defense that declares fp32 (DHBE, BCU, PBE...)",
     )
     defend.add_argument(
         "--checkpoint-every",
@@ -86,10 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("checkpoint", help="a torch.save file of plain tensors (read with weights_only=True)")
     imp.add_argument("out", help="the .safetensors file to write")
 
-    sub.add_parser(
-        "bench", help="data-path benchmark: tensor-resident pipeline vs a DataLoader (bdlab bench --help)"
-    )
-
     sweep = sub.add_parser(
         "sweep", help="run (or resume) a sweep: attacked models once, then an Optuna study per defense cell"
     )
@@ -113,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--results", default="results", help="results folder (default: ./results)")
     ui.add_argument("--port", type=int, default=5000)
 
-    lst = sub.add_parser("list", help="print every registered dataset, model, attack and defense")
-    lst.add_argument("family", nargs="?", choices=["datasets", "models", "attacks", "defenses"])
+    lst = sub.add_parser(
+        "list", help="print every registered dataset, model, attack and defense, and a sweep spec's settings"
+    )
+    lst.add_argument("family", nargs="?", choices=["datasets", "models", "attacks", "defenses", "sweep"])
     return parser
 
 
@@ -134,10 +142,6 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark owns its options (argparse's REMAINDER drops a leading --help)
-        from trials.bench import main as bench_main
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from trials.errors import BdlabError
 
@@ -194,7 +198,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
         preset=args.preset,
         seed=args.seed,
         device=args.device,
-        amp=False if args.no_amp else None,
+        amp=False if args.no_amp else True if args.amp else None,  # None: the defense's precision
         checkpoint_every_s=args.checkpoint_every,
     )
     resolve_defense(spec)  # fail on bad input before any data is read
@@ -209,7 +213,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     m, b = result.metrics, result.metrics["before"]
     print(
         f"done in {m['seconds']:.1f}s: report half ACC {b['acc']:.4f} -> {m['acc']:.4f}, "
-        f"ASR {_fmt(b['asr'])} -> {_fmt(m['asr'])} (validation ACC {m['val']['acc']:.4f} ASR {_fmt(m['val']['asr'])}); "
+        f"ASR {_fmt(b['asr'])} -> {_fmt(m['asr'])}, DER {_fmt(m.get('der'))} "
+        f"(validation ACC {m['val']['acc']:.4f} ASR {_fmt(m['val']['asr'])}); "
         f"wrote {out}"
     )
     return 0
@@ -258,7 +263,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     for family in families():
         if args.family in (None, family):
             print(format_family(family))
+    if args.family in (None, "sweep"):
+        print(_format_sweep_settings())
     return 0
+
+
+def _format_sweep_settings() -> str:
+    """The sweep-wide settings of a spec (sampler:, resources:, failure:) with defaults and ranges."""
+    from bdlab.spec import FailurePolicy, SamplerSettings, TrialResources
+    from trials.listing import format_params
+    from trials.params import describe
+
+    lines = ["sweep settings (spec keys):"]
+    for key, cls in (
+        ("sampler", SamplerSettings),
+        ("resources.attack", TrialResources),
+        ("resources.defense", TrialResources),
+        ("failure", FailurePolicy),
+    ):
+        lines.append(f"  {key}")
+        lines.extend(format_params(describe(cls)))
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -280,10 +305,25 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_sweep_output() -> None:
+    """The sweep prints its own progress lines: MLflow's URLs and progress bars, Ray Tune's tables
+    and Optuna's per-trial logs are turned off (in this process; workers get bdlab.worker.worker_env)."""
+    import os
+
+    import optuna
+
+    from bdlab.tracking.mlflow_tracker import QUIET_MLFLOW_ENV
+
+    for key, value in {**QUIET_MLFLOW_ENV, "RAY_AIR_NEW_OUTPUT": "0"}.items():
+        os.environ.setdefault(key, value)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from bdlab.spec import load_sweep
     from bdlab.sweep import run_sweep
 
+    quiet_sweep_output()
     spec = load_sweep(args.spec)  # every name and value checked before anything starts
     run_sweep(
         spec,
@@ -301,7 +341,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bdlab.tracking import Store
 
     store = Store.open(args.results, args.tracking_uri, args.optuna_storage)
-    out = export(store, args.sweep, args.out)
+    out = export(store.tracker(), args.sweep, args.out)
     print(f"wrote {out}")
     return 0
 

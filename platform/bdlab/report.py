@@ -9,103 +9,113 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bdlab.tracking import Store, find_runs, sweep_experiment_name
+from bdlab.tracking import RUN_STATUSES, Store, Tracker, schema
 from trials.errors import InvalidValue
 
-if TYPE_CHECKING:
-    from bdlab.sweep import SweepRun
 
-METRICS = ("acc", "asr", "asr_cond", "ra", "asr_x4", "asr_x5", "asr_x9")
-ALL_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
+@dataclass(frozen=True)
+class SweepRef:
+    """The sweep a report is about: its generation and parent run."""
 
-# The Parquet table's columns, in order (README "The results table" documents each).
-SCHEMA = pa.schema(
-    [
-        ("sweep", pa.string()),
-        ("generation", pa.int32()),
-        ("study", pa.string()),
-        ("trial", pa.int32()),
-        ("default_config", pa.bool_()),
-        ("dataset", pa.string()),
-        ("model", pa.string()),
-        ("attack", pa.string()),
-        ("defense", pa.string()),
-        ("cell", pa.string()),
-        ("cache_key", pa.string()),
-        ("params", pa.string()),  # JSON object: every parameter override the trial ran with
-        ("status", pa.string()),  # complete | failed | running
-        ("failure", pa.string()),
-        *[(m, pa.float64()) for m in METRICS],  # report half
-        *[(f"val_{m}", pa.float64()) for m in METRICS],  # validation half (what the search saw)
-        ("before_acc", pa.float64()),
-        ("before_asr", pa.float64()),
-        ("seconds", pa.float64()),  # the defense's own run time
-        ("started", pa.timestamp("ms", tz="UTC")),
-        ("ended", pa.timestamp("ms", tz="UTC")),
-        ("duration_s", pa.float64()),  # wall time of the MLflow run (loading and logging included)
-        ("mlflow_run_id", pa.string()),
-    ]
-)
+    name: str
+    generation: int
+    experiment_id: str
+    parent_run_id: str
+    objectives: dict[str, str]  # metric -> max | min, the studies' directions
 
 
-def trial_rows(store: Store, sweep: str) -> list[dict[str, Any]]:
-    """One row per defense trial of the sweep (every generation), from MLflow alone."""
-    found = store.client().get_experiment_by_name(sweep_experiment_name(sweep))
-    if found is None:
-        known = sorted(
-            e.name.removeprefix("bdlab/")
-            for e in store.client().search_experiments()
-            if e.name.startswith("bdlab/") and e.name != "bdlab/attacked-models"
-        )
-        raise InvalidValue("sweep", sweep, f"sweeps in {store.tracking_uri}: {', '.join(known) or 'none'}")
-    exp = found.experiment_id
-    runs = find_runs(store, [exp], {"bdlab.sweep": sweep, "bdlab.phase": "defense"}, statuses=ALL_STATUSES)
+@dataclass(frozen=True)
+class CellRef:
+    """One defense cell of the sweep: its label, its Optuna study and its attacked model's run."""
+
+    label: str
+    study: str
+    attacked_run_id: str
+
+
+def table_schema() -> pa.Schema:
+    """The Parquet table's columns, in order (README "The results table" documents each); one
+    column per registered metric, for the report and the validation half."""
+    return pa.schema(
+        [
+            ("sweep", pa.string()),
+            ("generation", pa.int32()),
+            ("study", pa.string()),
+            ("trial", pa.int32()),
+            ("default_config", pa.bool_()),
+            ("dataset", pa.string()),
+            ("model", pa.string()),
+            ("attack", pa.string()),
+            ("defense", pa.string()),
+            ("cell", pa.string()),
+            ("cache_key", pa.string()),
+            ("params", pa.string()),  # JSON object: every parameter override the trial ran with
+            ("status", pa.string()),  # complete | failed | running
+            ("failure", pa.string()),
+            *[(m, pa.float64()) for m in schema.metric_columns()],  # report half, then val_*
+            ("before_acc", pa.float64()),
+            ("before_asr", pa.float64()),
+            ("seconds", pa.float64()),  # the defense's own run time
+            ("started", pa.timestamp("ms", tz="UTC")),
+            ("ended", pa.timestamp("ms", tz="UTC")),
+            ("duration_s", pa.float64()),  # wall time of the MLflow run (loading and logging included)
+            ("mlflow_run_id", pa.string()),
+        ]
+    )
+
+
+def trial_rows(tracker: Tracker, sweep: str) -> list[dict[str, Any]]:
+    """One row per defense trial of the sweep (every generation), from the tracking store alone."""
+    exp = tracker.find_experiment(schema.sweep_experiment(sweep))
+    if exp is None:
+        known = schema.sweep_names(tracker.experiment_names())
+        raise InvalidValue("sweep", sweep, f"sweeps in {tracker.uri}: {', '.join(known) or 'none'}")
+    runs = tracker.find_runs([exp], {schema.SWEEP: sweep, schema.PHASE: "defense"}, statuses=RUN_STATUSES)
     rows = []
     for r in runs:
-        tags, metrics, params = r.data.tags, r.data.metrics, r.data.params
-        start, end = r.info.start_time, r.info.end_time
+        tags, metrics = r.tags, r.metrics
+        start, end = r.start_time, r.end_time
         row = {
             "sweep": sweep,
-            "generation": int(tags.get("bdlab.generation", 1)),
-            "study": tags.get("bdlab.study"),
-            "trial": int(tags.get("bdlab.trial", -1)),
-            "default_config": tags.get("bdlab.default") == "true",
-            "dataset": tags.get("bdlab.dataset"),
-            "model": tags.get("bdlab.model"),
-            "attack": tags.get("bdlab.attack"),
-            "defense": tags.get("bdlab.defense"),
-            "cell": tags.get("bdlab.cell"),
-            "cache_key": tags.get("bdlab.cache_key"),
-            "params": json.dumps({k: v for k, v in sorted(params.items()) if k != "defense"}),
-            "status": tags.get("bdlab.status", r.info.status.lower()),
-            "failure": tags.get("bdlab.failure"),
+            "generation": int(tags.get(schema.GENERATION, 1)),
+            "study": tags.get(schema.STUDY),
+            "trial": int(tags.get(schema.TRIAL, -1)),
+            "default_config": tags.get(schema.DEFAULT) == "true",
+            "dataset": tags.get(schema.DATASET),
+            "model": tags.get(schema.MODEL),
+            "attack": tags.get(schema.ATTACK),
+            "defense": tags.get(schema.DEFENSE),
+            "cell": tags.get(schema.CELL),
+            "cache_key": tags.get(schema.CACHE_KEY),
+            "params": json.dumps({k: v for k, v in sorted(r.params.items()) if k != "defense"}),
+            "status": tags.get(schema.STATUS, r.status.lower()),
+            "failure": tags.get(schema.FAILURE),
             "seconds": metrics.get("seconds"),
             "before_acc": metrics.get("before_acc"),
             "before_asr": metrics.get("before_asr"),
             "started": start,
             "ended": end,
             "duration_s": (end - start) / 1000 if start and end else None,
-            "mlflow_run_id": r.info.run_id,
+            "mlflow_run_id": r.run_id,
         }
-        for m in METRICS:
-            row[m] = metrics.get(m)
-            row[f"val_{m}"] = metrics.get(f"val_{m}")
+        row.update({m: metrics.get(m) for m in schema.metric_columns()})
         rows.append(row)
     rows.sort(key=lambda x: (x["generation"], x["study"] or "", x["trial"]))
     return rows
 
 
-def export(store: Store, sweep: str, out: str | Path) -> Path:
+def export(tracker: Tracker, sweep: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = trial_rows(store, sweep)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    rows = trial_rows(tracker, sweep)
+    table = pa.Table.from_pylist(rows, schema=table_schema())
     pq.write_table(table, out)
     return out
 
@@ -113,49 +123,48 @@ def export(store: Store, sweep: str, out: str | Path) -> Path:
 # --- the summary ---------------------------------------------------------------------------------
 
 
-def summarize(run: SweepRun) -> dict[str, Any]:
+def summarize(store: Store, sweep: SweepRef, cells: list[CellRef]) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
-    from bdlab.studies import DEFAULT_ATTR, study_name
+    from bdlab.studies import DEFAULT_ATTR, PARAMS_ATTR
+    from trials.metrics import defense_metric_keys, metric_keys
 
-    spec, store = run.spec, run.store
+    tracker = store.tracker()
+    keys = defense_metric_keys()  # a defense trial's; the backdoored model's are metric_keys()
     children = {
-        (r.data.tags.get("bdlab.study"), r.data.tags.get("bdlab.trial")): r
-        for r in find_runs(
-            store,
-            [run.experiment_id],
-            {"bdlab.sweep": spec.name, "bdlab.phase": "defense", "bdlab.generation": str(run.generation)},
-            statuses=ALL_STATUSES,
+        (r.tags.get(schema.STUDY), r.tags.get(schema.TRIAL)): r
+        for r in tracker.find_runs(
+            [sweep.experiment_id],
+            {schema.SWEEP: sweep.name, schema.PHASE: "defense", schema.GENERATION: str(sweep.generation)},
+            statuses=RUN_STATUSES,
         )
     }
-    cells = []
-    for cell in spec.defense_cells():
-        name = study_name(spec.name, run.generation, cell)
-        study = optuna.load_study(study_name=name, storage=store.optuna_url)
+    summaries = []
+    for cell in cells:
+        study = optuna.load_study(study_name=cell.study, storage=store.optuna_url)
         trials = study.get_trials(deepcopy=False)
-        key = run.keys[spec.attack_cells.index(cell.attack)]
-        attack_run = store.client().get_run(run.attacked[key])
+        before = tracker.get_run(cell.attacked_run_id).metrics
 
-        def point(t, name=name) -> dict[str, Any]:
-            r = children.get((name, str(t.number)))
-            m = r.data.metrics if r is not None else {}
+        def point(t: Any, study_name: str = cell.study) -> dict[str, Any]:
+            r = children.get((study_name, str(t.number)))
+            m = r.metrics if r is not None else {}
             return {
                 "trial": t.number,
-                "val": dict(zip(spec.objectives, t.values or [], strict=False)),
-                "report": {k: m.get(k) for k in ("acc", "asr")},
-                "params": json.loads(t.user_attrs.get("bdlab.params", "{}")),
-                "mlflow_run_id": r.info.run_id if r is not None else None,
+                "val": dict(zip(sweep.objectives, t.values or [], strict=False)),
+                "report": {k: m.get(k) for k in keys},
+                "params": json.loads(t.user_attrs.get(PARAMS_ATTR, "{}")),
+                "mlflow_run_id": r.run_id if r is not None else None,
             }
 
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         default = next((t for t in complete if t.user_attrs.get(DEFAULT_ATTR)), None)
         front = study.best_trials if complete else []
-        cells.append(
+        summaries.append(
             {
                 "cell": cell.label,
-                "study": name,
-                "before": {k: attack_run.data.metrics.get(k) for k in ("acc", "asr")},
+                "study": cell.study,
+                "before": {k: before.get(k) for k in metric_keys()},
                 "default": point(default) if default is not None else None,
                 "front": [point(t) for t in sorted(front, key=lambda t: t.number)],
                 "points": [point(t) for t in complete],
@@ -164,10 +173,10 @@ def summarize(run: SweepRun) -> dict[str, Any]:
             }
         )
     return {
-        "sweep": spec.name,
-        "generation": run.generation,
-        "objectives": dict(spec.objectives),
-        "cells": cells,
+        "sweep": sweep.name,
+        "generation": sweep.generation,
+        "objectives": dict(sweep.objectives),
+        "cells": summaries,
         "tracking_uri": store.tracking_uri,
         "optuna_storage": store.optuna_url,
         "results": str(store.results),
@@ -183,7 +192,8 @@ def _pair(d: dict | None) -> str:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The per-cell table (report half; the front is the validation half's Pareto set)."""
+    """The per-cell table (report half; the front is the validation half's Pareto set). ACC is
+    `acc`, ASR is `asr` (all non-target images, README "Metrics"), as the line under it says."""
     head = "| cell | before ACC/ASR | default ACC/ASR | trials ok/failed | Pareto front (trial: report ACC/ASR) |"
     lines = [head, "|---|---|---|---|---|"]
     for c in summary["cells"]:
@@ -193,10 +203,12 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"| {c['cell']} | {_pair(c['before'])} | {default} | {c['complete']}/{c['failed']} | "
             f"{len(c['front'])}: {front} |"
         )
+    lines.append("")
+    lines.append("ACC = `acc`, ASR = `asr` (#{non-target, f(trigger(x)) = t} / #non-target; README \"Metrics\")")
     return "\n".join(lines)
 
 
-def pareto_figure(cell: dict[str, Any], objectives: dict[str, str]):
+def pareto_figure(cell: dict[str, Any]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,38 +237,36 @@ def pareto_figure(cell: dict[str, Any], objectives: dict[str, str]):
     return fig
 
 
-def publish(run: SweepRun, summary: dict[str, Any], out) -> None:
+def publish(store: Store, sweep: SweepRef, summary: dict[str, Any], out: Any) -> None:
     """Print the summary and log it, the plots and the Parquet table to the sweep's parent run."""
     import matplotlib.pyplot as plt
 
-    store = run.store
-    client = store.client()
+    tracker = store.tracker()
     table = summary_table(summary)
-    parquet = export(store, run.spec.name, store.results / f"{run.spec.name}.parquet")
+    parquet = export(tracker, sweep.name, store.results / f"{sweep.name}.parquet")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "summary.md").write_text(table + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        client.log_artifact(run.parent_run_id, str(tmp / "summary.md"))
-        client.log_artifact(run.parent_run_id, str(tmp / "summary.json"))
-        client.log_artifact(run.parent_run_id, str(parquet))
+        for path in (tmp / "summary.md", tmp / "summary.json", parquet):
+            tracker.log_artifact(sweep.parent_run_id, path)
         for i, cell in enumerate(summary["cells"]):
             if not cell["points"]:
                 continue
-            fig = pareto_figure(cell, summary["objectives"])
+            fig = pareto_figure(cell)
             path = tmp / f"pareto_{i:02d}_{_safe(cell['cell'])}.png"
             fig.savefig(path)
             plt.close(fig)
-            client.log_artifact(run.parent_run_id, str(path), "pareto")
+            tracker.log_artifact(sweep.parent_run_id, path, "pareto")
     out("")
     out(
-        f"summary of sweep {run.spec.name} (generation {run.generation}); report half, Pareto front on the validation half:"
+        f"summary of sweep {sweep.name} (generation {sweep.generation}); report half, Pareto front on the validation half:"
     )
     out(table)
     out("")
     out(f"results table: {parquet}")
     out(
-        f"MLflow: {store.tracking_uri} (experiment {sweep_experiment_name(run.spec.name)}, parent run {run.parent_run_id})"
+        f"MLflow: {store.tracking_uri} (experiment {schema.sweep_experiment(sweep.name)}, parent run {sweep.parent_run_id})"
     )
     if store.tracking_uri.startswith("sqlite"):
         out(f"open it with: bdlab ui --results {store.results}")

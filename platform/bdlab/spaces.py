@@ -7,7 +7,7 @@ A space is a mapping param -> distribution, written in YAML as
     betas: {choice: [[500, 1000], [250, 500]]}
 
 and kept as small frozen dataclasses (`FloatDist`, `IntDist`, `ChoiceDist`). Each defense's default
-space lives in `search_spaces/defenses/<defense>.yaml`; a sweep may also give one inline. Loading checks
+space lives in `trials/defenses/spaces/<defense>.yaml`; a sweep may also give one inline. Loading checks
 every searched name against the defense's `Params` and every bound or choice against the field's type
 and allowed range, so a bad space fails when the sweep is loaded, not in a trial.
 
@@ -32,9 +32,10 @@ import yaml
 
 from trials.errors import InvalidValue
 from trials.params import check_range, coerce, type_name
+from trials.presets import SPACE_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
-SPACE_DIR = ROOT / "search_spaces" / "defenses"
+# the folder holding the `trials` package: the repository in a checkout, site-packages when installed
+ROOT = SPACE_DIR.parents[2]
 
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -191,7 +192,7 @@ def display_path(path: Path) -> str:
 
 
 def load_space(defense: str) -> dict[str, Distribution]:
-    """The default space of a defense: `search_spaces/defenses/<defense>.yaml`, validated."""
+    """The default space of a defense: `trials/defenses/spaces/<defense>.yaml`, validated."""
     from trials.defenses import DEFENSES
 
     DEFENSES.get(defense)
@@ -208,7 +209,7 @@ def load_space(defense: str) -> dict[str, Distribution]:
 def parse_space(defense: str, raw: Any, where: str) -> dict[str, Distribution]:
     """Validate a raw mapping param -> distribution against the defense's `Params`.
 
-    `where` locates the mapping in errors: a file (`search_spaces/defenses/bcu.yaml`) or a file and
+    `where` locates the mapping in errors: a file (`trials/defenses/spaces/bcu.yaml`) or a file and
     a path inside it (`sweep.yaml: defenses[1].space`); each param's errors add `.name` to it.
     """
     from trials.defenses import DEFENSES
@@ -250,11 +251,6 @@ def decode(space: Mapping[str, Distribution], optuna_params: Mapping[str, Any]) 
 def encode(space: Mapping[str, Distribution], params: Mapping[str, Any]) -> dict[str, Any]:
     """Param values -> Optuna's representation, for `study.enqueue_trial` (e.g. the default config)."""
     return {name: dist.encode(params[name]) for name, dist in space.items() if name in params}
-
-
-def space_as_dict(space: Mapping[str, Distribution]) -> dict[str, Any]:
-    """The YAML form of a space (for records: MLflow params, reports)."""
-    return {name: dist.as_dict() for name, dist in space.items()}
 
 
 # --- parsing one distribution -----------------------------------------------------------------------

@@ -24,11 +24,9 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from bdlab.spaces import ChoiceDist, decode, encode, suggest
+from bdlab.spaces import ChoiceDist, encode, suggest
 from bdlab.spec import DefenseCell, SweepSpec
 from trials.device import derive_seed
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_ATTR = "bdlab.default"  # user attribute: the cell's default configuration
 PARAMS_ATTR = "bdlab.params"  # user attribute: the full parameter overrides the trial ran with
@@ -41,8 +39,8 @@ def study_name(sweep: str, generation: int, cell: DefenseCell) -> str:
 
 def make_sampler(spec: SweepSpec, name: str) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded per study (same spec and cell: same suggestions)."""
-    seed = derive_seed(int(spec.sampler.get("seed", 0)), "sampler", name) % 2**31
-    kind = spec.sampler.get("name", "tpe")
+    seed = derive_seed(spec.sampler.seed, "sampler", name) % 2**31
+    kind = spec.sampler.name
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "gp":
@@ -107,7 +105,6 @@ class CellSearcher(Searcher):
         cells: list[DefenseCell],
         studies: list[optuna.Study],
         trial_config: Any,  # (cell index, Pending) -> the trial's config
-        on_finish: Any = None,  # (cell index, number, result | None, error) -> None
     ) -> None:
         super().__init__(metric=None, mode=None)
         self.spec = spec
@@ -128,7 +125,6 @@ class CellSearcher(Searcher):
                     )
             self.states.append(state)
         self.trial_config = trial_config
-        self.on_finish = on_finish
         self.live: dict[str, tuple[int, int]] = {}  # Tune trial id -> (cell, Optuna number)
         self._next = 0
 
@@ -191,8 +187,6 @@ class CellSearcher(Searcher):
             s.study.tell(number, state=TrialState.FAIL)
         else:
             s.study.tell(number, values)
-        if self.on_finish is not None:
-            self.on_finish(i, number, None if values is None else result, error)
 
     def save(self, checkpoint_path: str) -> None:
         # the state lives in the Optuna storage; Tune's snapshot only needs a marker
@@ -201,10 +195,3 @@ class CellSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:  # never used: a re-run rebuilds from the studies
         pass
-
-
-def decoded_params(trial: optuna.trial.FrozenTrial, cell: DefenseCell) -> dict[str, Any]:
-    """The parameters a finished trial ran with."""
-    if PARAMS_ATTR in trial.user_attrs:
-        return json.loads(trial.user_attrs[PARAMS_ATTR])
-    return {**cell.defense.default_params(), **decode(cell.defense.space, trial.params)}

@@ -17,15 +17,17 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bdlab.cache import cache_key, find_attacked
+from bdlab import report
+from bdlab.cache import find_attacked
 from bdlab.claims import driver_lease
-from bdlab.spec import DefenseCell, SweepSpec, load_sweep
-from bdlab.tracking import GENERATION_TAG, Store, parent_run, sweep_experiment_name
+from bdlab.spec import DefenseCell, SweepSpec, TrialResources, load_sweep
+from bdlab.tracking import Store, Tracker, schema
+from bdlab.trial_config import AttackTrialConfig, DefenseTrialConfig, as_tune
 
 Out = Callable[[str], None]
 
@@ -36,33 +38,53 @@ class SweepRun:
 
     spec: SweepSpec
     store: Store
+    tracker: Tracker
     experiment_id: str
     parent_run_id: str
     generation: int
-    attacked: dict[str, str] = field(default_factory=dict)  # cache key -> MLflow run id
-    keys: list[str] = field(default_factory=list)  # per attack cell
+    attacked: dict[str, str] = field(default_factory=dict)  # attack cell key -> MLflow run id
 
 
-def store_config(store: Store) -> dict[str, Any]:
-    return {
-        f.name: (str(v) if isinstance(v, Path) else v)
-        for f, v in ((f, getattr(store, f.name)) for f in dataclasses.fields(store))
-    }
+def parent_run(
+    tracker: Tracker,
+    experiment_id: str,
+    sweep: str,
+    *,
+    fresh: bool = False,
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """The id of the sweep's parent run: the newest generation is reused (a re-run resumes it);
+    `fresh=True` starts generation N+1. Tag `bdlab.generation` names the generation."""
+    existing = tracker.find_runs([experiment_id], {schema.KIND: "sweep", schema.SWEEP: sweep}, statuses=None)
+    generations = [(_int(r.tags.get(schema.GENERATION)), r.run_id) for r in existing]
+    newest = max(generations, default=(0, None))
+    if newest[1] is not None and not fresh:
+        if tags:
+            tracker.set_tags(newest[1], tags)
+        return newest[1]
+    generation = newest[0] + 1
+    return tracker.create_run(
+        experiment_id,
+        sweep if generation == 1 else f"{sweep} (generation {generation})",
+        tags={**(tags or {}), schema.KIND: "sweep", schema.SWEEP: sweep, schema.GENERATION: str(generation)},
+    )
 
 
-def resources(spec: SweepSpec, phase: str) -> dict[str, float]:
-    r = spec.resources.get(phase, {})
-    return {"cpu": float(r.get("cpu", 1)), "gpu": float(r.get("gpu", 0))}
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
-def concurrency(res: dict[str, float]) -> int:
+def concurrency(res: TrialResources) -> int:
     """How many trials of this size the cluster holds at once (the searcher asks no further ahead)."""
     import ray
 
     total = ray.cluster_resources()
-    slots = math.floor(total.get("CPU", 1) / max(res["cpu"], 1e-9))
-    if res["gpu"] > 0:
-        slots = min(slots, math.floor(total.get("GPU", 0) / res["gpu"]))
+    slots = math.floor(total.get("CPU", 1) / max(res.cpu, 1e-9))
+    if res.gpu > 0:
+        slots = min(slots, math.floor(total.get("GPU", 0) / res.gpu))
     return max(1, slots)
 
 
@@ -70,7 +92,7 @@ def start_ray(address: str | None, store: Store) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local one; workers get the tracking URI."""
     import ray
 
-    from bdlab.trial import worker_env
+    from bdlab.worker import worker_env
 
     if ray.is_initialized():
         return
@@ -99,31 +121,25 @@ def run_sweep(
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     started = time.monotonic()
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault(
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-    )  # our progress lines replace Tune's tables
     store = Store.open(results, tracking_uri, optuna_url)
-    with driver_lease(store, spec.name):  # one driver per sweep: two would run its trials twice
-        return _run(spec, store, fresh, address, out, started)
+    tracker = store.tracker()
+    with driver_lease(tracker, spec.name):  # one driver per sweep: two would run its trials twice
+        return _run(spec, store, tracker, fresh, address, out, started)
 
 
 def _run(
-    spec: SweepSpec, store: Store, fresh: bool, address: str | None, out: Out, started: float
+    spec: SweepSpec, store: Store, tracker: Tracker, fresh: bool, address: str | None, out: Out, started: float
 ) -> dict[str, Any]:
-    from bdlab import report
-
-    exp = store.experiment_id(sweep_experiment_name(spec.name))
-    parent = parent_run(store, exp, spec.name, fresh=fresh, tags={"bdlab.spec": spec.source})
-    generation = int(store.client().get_run(parent).data.tags[GENERATION_TAG])
+    exp = tracker.experiment_id(schema.sweep_experiment(spec.name))
+    parent = parent_run(tracker, exp, spec.name, fresh=fresh, tags={schema.SPEC: spec.source})
+    generation = int(tracker.get_run(parent).tags[schema.GENERATION])
     if spec.source and Path(spec.source).is_file():
-        store.client().log_artifact(parent, spec.source)
-    run = SweepRun(spec, store, exp, parent, generation)
+        tracker.log_artifact(parent, spec.source)
+    run = SweepRun(spec, store, tracker, exp, parent, generation)
     out(
         f"sweep {spec.name} (generation {generation}): {len(spec.attack_cells)} attacked models, "
-        f"{len(spec.defense_cells())} defense cells, {sum(d.trials for d in spec.defenses) * len(spec.attack_cells)} "
-        f"defense trials; tracking {store.tracking_uri}"
+        f"{len(spec.defense_cells())} defense cells, {spec.trial_count} defense trials; "
+        f"tracking {store.tracking_uri}"
     )
     phase_started = time.monotonic()
     attack_phase(run, address, out)
@@ -131,8 +147,15 @@ def _run(
     phase_started = time.monotonic()
     defense_phase(run, address, out)
     defense_s = time.monotonic() - phase_started
-    summary = report.summarize(run)
-    report.publish(run, summary, out)
+    from bdlab.studies import study_name
+
+    cells = [
+        report.CellRef(c.label, study_name(spec.name, generation, c), run.attacked[c.attack.key])
+        for c in spec.defense_cells()
+    ]
+    sweep = report.SweepRef(spec.name, generation, exp, parent, dict(spec.objectives))
+    summary = report.summarize(store, sweep, cells)
+    report.publish(store, sweep, summary, out)
     summary["seconds"] = {"attack_phase": round(attack_s, 2), "defense_phase": round(defense_s, 2)}
     out(
         f"done in {time.monotonic() - started:.0f} s (attack phase {attack_s:.1f} s, "
@@ -145,54 +168,45 @@ def _run(
 
 
 def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
-    spec, store = run.spec, run.store
+    spec, store, tracker = run.spec, run.store, run.tracker
     todo = []
     for cell in spec.attack_cells:
-        key = cache_key(cell.identity())
-        run.keys.append(key)
-        hit = find_attacked(store, key)
+        hit = find_attacked(tracker, cell.key)
         if hit is not None:
-            run.attacked[key] = hit
-        elif all(key != k for k, _ in todo):
-            todo.append((key, cell))
+            run.attacked[cell.key] = hit
+        elif all(cell.key != c.key for c in todo):
+            todo.append(cell)
     out(f"[attack] {len(spec.attack_cells) - len(todo)} of {len(spec.attack_cells)} attacked models cached")
     if not todo:
         return
     from ray import tune
 
     from bdlab.progress import PhaseProgress
-    from bdlab.trial import attack_trial
+    from bdlab.worker import attack_trial
 
     start_ray(address, store)
-    res = resources(spec, "attack")
+    res = spec.resources.attack
     configs = [
-        {
-            "cell": dataclasses.asdict(cell),
-            "key": key,
-            "store": store_config(store),
-            "sweep": spec.name,
-            "device": spec.device,
-            "cpu": res["cpu"],
-            "gpu": res["gpu"],
-            "plugins": list(spec.plugins),
-        }
-        for key, cell in todo
+        as_tune(AttackTrialConfig(cell, cell.key, store, spec.name, spec.device, res, list(spec.plugins)))
+        for cell in todo
     ]
-    labels = [f"{cell.label} ({_short(key)})" for key, cell in todo]
+    labels = [f"{cell.label} ({cell.key[:8]})" for cell in todo]
     progress = PhaseProgress("attack", len(configs), lambda t: labels[t.config["index"]], out=out)
     # the grid index selects the config: Tune's grid would otherwise expand nested dicts into params
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_indexed(attack_trial), configs=configs), res),
+        tune.with_resources(tune.with_parameters(_indexed(attack_trial), configs=configs), res.as_ray()),
         param_space={"index": tune.grid_search(list(range(len(configs))))},
         tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False),
         run_config=_run_config(run, "attack", progress),
     )
     tuner.fit()
-    for key, _ in todo:
-        hit = find_attacked(store, key)
+    for cell in todo:
+        hit = find_attacked(tracker, cell.key)
         if hit is None:
-            raise RuntimeError(f"attacked model {key} was not trained (see the failed attack run in MLflow)")
-        run.attacked[key] = hit
+            raise RuntimeError(
+                f"attacked model {cell.key} was not trained (see the failed attack run in MLflow)"
+            )
+        run.attacked[cell.key] = hit
 
 
 def _indexed(fn: Callable[[dict], None]) -> Callable[..., None]:
@@ -203,17 +217,13 @@ def _indexed(fn: Callable[[dict], None]) -> Callable[..., None]:
     return trainable
 
 
-def _short(key: str) -> str:
-    return key[:8]
-
-
-def _run_config(run: SweepRun, phase: str, progress: Any):
+def _run_config(run: SweepRun, phase: str, progress: Any) -> Any:
     from ray import tune
 
     return tune.RunConfig(
         name=f"{run.spec.name}-g{run.generation}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=str((run.store.results / "ray").resolve()),
-        failure_config=tune.FailureConfig(max_failures=int(run.spec.failure.get("max_retries", 1))),
+        failure_config=tune.FailureConfig(max_failures=run.spec.failure.max_retries),
         callbacks=[progress],
         verbose=0,
         log_to_file=True,
@@ -225,69 +235,65 @@ def _run_config(run: SweepRun, phase: str, progress: Any):
 
 def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
     from bdlab.studies import CellSearcher, open_study, study_name
-    from bdlab.trial import open_trial_run
+    from bdlab.worker import open_trial_run
 
-    spec, store = run.spec, run.store
+    spec, store, tracker = run.spec, run.store, run.tracker
     cells = spec.defense_cells()
     names = [study_name(spec.name, run.generation, c) for c in cells]
     studies = [open_study(spec, store.optuna_url, n) for n in names]
-    key_of = {id(c): run.keys[spec.attack_cells.index(c.attack)] for c in cells}
-    res = resources(spec, "defense")
+    res = spec.resources.defense
 
-    def trial_config(i: int, pending) -> dict[str, Any]:
+    def trial_config(i: int, pending: Any) -> dict[str, Any]:
         config = describe_trial(i, pending)
-        config["mlflow_run_id"] = open_trial_run(store, config)
-        return config
+        return as_tune(dataclasses.replace(config, mlflow_run_id=open_trial_run(tracker, config)))
 
-    def describe_trial(i: int, pending) -> dict[str, Any]:
+    def describe_trial(i: int, pending: Any) -> DefenseTrialConfig:
         cell: DefenseCell = cells[i]
-        key = key_of[id(cell)]
         checkpoints = (
             store.results / "checkpoints" / names[i].replace(":", "_").replace("/", "_") / str(pending.number)
         )
-        return {
-            "study": names[i],
-            "number": pending.number,
-            "default": pending.default,
-            "resumed": pending.resumed,
-            "defense": cell.defense.name,
-            "params": pending.params,
-            "cell_label": cell.label,
-            "attacked_run_id": run.attacked[key],
-            "attacked_cache": str(store.results / "attacked"),
-            "checkpoint_dir": str(checkpoints),
-            "store": store_config(store),
-            "experiment_id": run.experiment_id,
-            "parent_run_id": run.parent_run_id,
-            "objectives": list(spec.objectives),
-            "seed": cell.attack.seed,
-            "device": spec.device,
-            "cpu": res["cpu"],
-            "gpu": res["gpu"],
-            "plugins": list(spec.plugins),
-            "tags": {
-                "bdlab.sweep": spec.name,
-                "bdlab.phase": "defense",
-                "bdlab.generation": str(run.generation),
-                "bdlab.dataset": cell.attack.dataset,
-                "bdlab.model": cell.attack.model,
-                "bdlab.attack": cell.attack.attack,
-                "bdlab.defense": cell.defense.name,
-                "bdlab.cell": cell.label,
-                "bdlab.cache_key": key,
-                "bdlab.study": names[i],
-                "bdlab.trial": str(pending.number),
-                "bdlab.default": str(pending.default).lower(),
-                "bdlab.status": "running",
+        return DefenseTrialConfig(
+            study=names[i],
+            number=pending.number,
+            default=pending.default,
+            resumed=pending.resumed,
+            defense=cell.defense.name,
+            params=pending.params,
+            cell_label=cell.label,
+            attacked_run_id=run.attacked[cell.attack.key],
+            attacked_cache=str(store.results / "attacked"),
+            checkpoint_dir=str(checkpoints),
+            store=store,
+            experiment_id=run.experiment_id,
+            parent_run_id=run.parent_run_id,
+            objectives=list(spec.objectives),
+            seed=cell.attack.seed,
+            device=spec.device,
+            resources=res,
+            plugins=list(spec.plugins),
+            tags={
+                schema.SWEEP: spec.name,
+                schema.PHASE: "defense",
+                schema.GENERATION: str(run.generation),
+                schema.DATASET: cell.attack.dataset,
+                schema.MODEL: cell.attack.model,
+                schema.ATTACK: cell.attack.attack,
+                schema.DEFENSE: cell.defense.name,
+                schema.CELL: cell.label,
+                schema.CACHE_KEY: cell.attack.key,
+                schema.STUDY: names[i],
+                schema.TRIAL: str(pending.number),
+                schema.DEFAULT: str(pending.default).lower(),
+                schema.STATUS: "running",
             },
-        }
+        )
 
     best: dict[int, tuple[float, str]] = {}
 
-    def best_line(trial, result: dict) -> str | None:
+    def best_line(trial: Any, result: dict) -> str | None:
         if not result.get("done"):
             return None
-        i = next(k for k, n in enumerate(names) if n == trial.config["study"])
+        i = names.index(trial.config["study"])
         score = result.get("val_acc", 0.0) - result.get("val_asr", 0.0)
         line = f"{cells[i].label}: val ACC {result.get('val_acc', 0):.3f} ASR {result.get('val_asr', 0):.3f} (trial {trial.config['number']})"
         if i not in best or score > best[i][0]:
@@ -304,7 +310,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
     from ray import tune
 
     from bdlab.progress import PhaseProgress
-    from bdlab.trial import defense_trial
+    from bdlab.worker import defense_trial
 
     start_ray(address, store)
     progress = PhaseProgress(
@@ -315,7 +321,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
         out=out,
     )
     tuner = tune.Tuner(
-        tune.with_resources(defense_trial, res),
+        tune.with_resources(defense_trial, res.as_ray()),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=-1,

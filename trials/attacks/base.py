@@ -84,14 +84,14 @@ class AttackContext:
         model_name: str,
         recipe: TrainRecipe,
         generator: torch.Generator,
-        fast: bool,
+        amp: bool,
         progress: Any = None,
     ) -> None:
         self.data = data
         self.model_name = model_name
         self.recipe = recipe
         self.generator = generator
-        self.fast = fast
+        self.amp = amp
         self.progress = progress
         self._clean_model: nn.Module | None = None
 
@@ -109,7 +109,7 @@ class AttackContext:
 
         d = self.data
         model = build_model(self.model_name, d.num_classes, d.image_shape[-1], d.mean, d.std)
-        return prepare_model(model, self.device, self.fast)
+        return prepare_model(model, self.device, self.amp)
 
     def clean_model(self) -> nn.Module:
         if self._clean_model is None:
@@ -123,7 +123,7 @@ class AttackContext:
                 self.recipe,
                 generator=self.generator,
                 flip_allowed=self.data.flip,
-                fast=self.fast,
+                amp=self.amp,
                 progress=self.progress,
                 tag="clean_reference",
             )

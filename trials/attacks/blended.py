@@ -30,7 +30,7 @@ class BlendedParams(DirtyLabelParams):
 class Blended(Attack):
     Params = BlendedParams
 
-    def __init__(self, params: BlendedParams, num_classes: int, image_shape, seed: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, params: BlendedParams, num_classes: int, image_shape, seed: int) -> None:
         super().__init__(params, num_classes, image_shape, seed)
         c, h, w = image_shape
         if params.key == "noise":

@@ -73,7 +73,7 @@ class LabelConsistent(Attack):
     patch_trigger = True
     clean_label = True
 
-    def __init__(self, params: LabelConsistentParams, num_classes: int, image_shape, seed: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, params: LabelConsistentParams, num_classes: int, image_shape, seed: int) -> None:
         super().__init__(params, num_classes, image_shape, seed)
         self.patch = checkerboard(params.size)
 
@@ -81,8 +81,8 @@ class LabelConsistent(Attack):
         hw = tuple(self.image_shape[1:])
         ps = tuple(self.patch.shape[1:])
         if self.params.location == "four_corners":
-            return amplified_positions("x4", hw, ps)  # type: ignore[arg-type]
-        return [corner_position("bottom_right", hw, ps)]  # type: ignore[arg-type]
+            return amplified_positions("x4", hw, ps)
+        return [corner_position("bottom_right", hw, ps)]
 
     def stamp(self, x: torch.Tensor, amplitude: float = 1.0) -> torch.Tensor:
         mask = None if amplitude >= 1.0 else torch.full(self.patch.shape[1:], amplitude)
@@ -114,7 +114,7 @@ class LabelConsistent(Attack):
             steps=self.params.steps,
             random_start=self.params.random_start,
             generator=ctx.generator,
-            fast=ctx.fast,
+            amp=ctx.amp,
         )
         return to_uint8(self.stamp(adv, self.params.patch_amplitude))
 
@@ -136,7 +136,7 @@ def pgd_linf(
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
-    fast: bool = False,
+    amp: bool = False,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Untargeted L-inf PGD that raises the cross-entropy of the true labels, inside the eps-ball
@@ -153,7 +153,7 @@ def pgd_linf(
         for _ in range(steps):
             adv.requires_grad_(True)
             # full precision on purpose: the sign of a bf16 gradient is noisier than the step it drives
-            loss = F.cross_entropy(model(prepare_input(adv, fast)).float(), yb)
+            loss = F.cross_entropy(model(prepare_input(adv, amp)).float(), yb)
             (grad,) = torch.autograd.grad(loss, adv)
             adv = adv.detach() + step * grad.sign()
             adv = torch.minimum(torch.maximum(adv, xb - eps), xb + eps).clamp(0, 1)

@@ -32,7 +32,7 @@ class Sig(Attack):
     Params = SigParams
     clean_label = True
 
-    def _signal(self, delta: float, device, dtype) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _signal(self, delta: float, device, dtype) -> torch.Tensor:
         w = self.image_shape[-1]
         j = torch.arange(w, device=device, dtype=torch.float64)
         row = delta * torch.sin(2 * math.pi * j * self.params.frequency / w) / 255
@@ -45,7 +45,7 @@ class Sig(Attack):
         p = self.params
         return self._add(x, p.delta if p.test_delta is None else p.test_delta)
 
-    def poison_images(self, x, labels, ctx):  # type: ignore[no-untyped-def]
+    def poison_images(self, x, labels, ctx):
         from trials.data.pipeline import to_float, to_uint8
 
         return to_uint8(self._add(to_float(x), self.params.delta))

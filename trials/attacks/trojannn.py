@@ -68,7 +68,7 @@ class TrojanNN(Attack):
     Params = TrojanParams
     patch_trigger = True
 
-    def __init__(self, params: TrojanParams, num_classes: int, image_shape, seed: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, params: TrojanParams, num_classes: int, image_shape, seed: int) -> None:
         super().__init__(params, num_classes, image_shape, seed)
         c, h, w = image_shape
         s = params.size
@@ -116,14 +116,14 @@ class TrojanNN(Attack):
             lr=self.params.lr,
             target=self.params.target_activation,
             generator=ctx.generator,
-            fast=ctx.fast,
+            amp=ctx.amp,
         ).cpu()
 
     def initial_model(self, ctx: AttackContext) -> nn.Module | None:
         return copy.deepcopy(ctx.clean_model())
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
-        names = list(model.stages())  # type: ignore[operator]
+        names = list(model.stages())
         after = names[names.index(self.params.layer) + 1 :]  # always ends with the head
         return [p for name in after for p in getattr(model, name).parameters()]
 
@@ -177,7 +177,7 @@ def optimize_trigger(
     lr: float,
     target: float,
     generator: torch.Generator | None = None,
-    fast: bool = False,
+    amp: bool = False,
 ) -> torch.Tensor:
     """A C,H,W trigger in [0, 1] (zero outside `mask`) that drives the spatial-mean activation of
     `neurons` at the output of the last of `stages` towards `target` on `images` when stamped."""
@@ -189,8 +189,8 @@ def optimize_trigger(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     for _ in range(steps):
         trigger = (torch.tanh(raw) + 1) / 2
-        h = prepare_input(images * (1 - mask) + trigger * mask, fast)
-        h = model.normalize(h)  # type: ignore[operator]
+        h = prepare_input(images * (1 - mask) + trigger * mask, amp)
+        h = model.normalize(h)
         for stage in stages:
             h = stage(h)
         act = h[:, neurons].float().mean(dim=(2, 3))  # N x neurons

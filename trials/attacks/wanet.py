@@ -49,7 +49,7 @@ class WaNetParams(DirtyLabelParams):
 class WaNet(Attack):
     Params = WaNetParams
 
-    def __init__(self, params: WaNetParams, num_classes: int, image_shape, seed: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, params: WaNetParams, num_classes: int, image_shape, seed: int) -> None:
         super().__init__(params, num_classes, image_shape, seed)
         gen = torch.Generator().manual_seed(seed)
         self.noise_grid, self.identity_grid = make_grids(params.k, image_shape[1], image_shape[2], gen)

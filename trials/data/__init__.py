@@ -20,11 +20,13 @@ __all__ = [
     "load_dataset",
     "register_dataset",
     "make_dataset",
+    "resolve_dataset_params",
 ]
 
 
-def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | None = None) -> Dataset:
-    """Resolve a dataset by name; `params` mixes the dataset's own and the shared split parameters."""
+def resolve_dataset_params(name: str, params: dict[str, Any] | None = None) -> tuple[SplitParams, Any]:
+    """(split parameters, the dataset's own parameters) from `params`, which mixes both; every
+    name and value checked. Nothing is built or read."""
     cls = DATASETS.get(name)
     params = dict(params or {})
     split_keys = set(SplitParams.__dataclass_fields__)
@@ -40,7 +42,13 @@ def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | No
     own = resolve_params(
         cls.Params, {k: v for k, v in params.items() if k not in split_keys}, owner=f"dataset {name}"
     )
-    return cls(own, split, root)
+    return split, own
+
+
+def make_dataset(name: str, params: dict[str, Any] | None = None, root: str | None = None) -> Dataset:
+    """Resolve a dataset by name; `params` mixes the dataset's own and the shared split parameters."""
+    split, own = resolve_dataset_params(name, params)
+    return DATASETS.get(name)(own, split, root)
 
 
 def load_dataset(

@@ -78,7 +78,7 @@ class ImageData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+        return tuple(self.train_x.shape[1:])
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +112,10 @@ class Dataset(abc.ABC):
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     flip: ClassVar[bool] = True
-    needs_root: ClassVar[bool] = True
+    needs_root: ClassVar[bool] = True  # reads files from --data-root (False: embedded data)
+    # The training recipe `bdlab attack` uses on this dataset unless told otherwise: overrides of
+    # trials.training.TrainRecipe's defaults (the DHBE paper's 200-epoch recipe), sized for a CPU.
+    recipe: ClassVar[dict[str, Any]] = {}
     # Normalization statistics used by the literature for this dataset; None = computed from train.
     mean: ClassVar[tuple[float, ...] | None] = None
     std: ClassVar[tuple[float, ...] | None] = None

@@ -25,6 +25,8 @@ TRAIN_TEST_SEED = 0  # fixed: the train/test split is part of the dataset's defi
 class Digits(Dataset):
     flip = False  # a mirrored digit is a different (or no) digit
     needs_root = False
+    # 1,293 images: 30 epochs of 10 steps train mini_resnet to ~99 % in well under a minute on 2 cores
+    recipe = {"epochs": 30, "batch_size": 128, "lr": 0.05, "crop_pad": 2, "flip": False}
 
     def load_raw(self) -> RawImages:
         from sklearn.datasets import load_digits

@@ -35,9 +35,9 @@ class ImageFolderParams:
 class ImageFolder(Dataset):
     Params = ImageFolderParams
 
-    def __init__(self, params, split, root) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, params, split, root) -> None:
         super().__init__(params, split, root)
-        self.flip = params.flip  # type: ignore[misc]
+        self.flip = params.flip
 
     def load_raw(self) -> RawImages:
         root = Path(require_root(self.root, self.name, "train/<class>/* and test/<class>/* image files"))

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from trials.defenses.base import DATA_KINDS, Defense, DefenseContext, DefenseData
+from trials.defenses.base import DATA_KINDS, PRECISIONS, Defense, DefenseContext, DefenseData
 from trials.defenses.registry import DEFENSES, register_defense
 from trials.params import resolve_params
 
@@ -21,6 +21,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "DATA_KINDS",
     "DEFENSES",
+    "PRECISIONS",
     "Defense",
     "DefenseContext",
     "DefenseData",

@@ -83,8 +83,8 @@ def finetune_epoch(
             x = pgd(model, x, y, p.eps, p.eps * p.step_fraction, p.pgd_steps)
             attacked += len(idx)
         model.train()
-        with autocast(ctx.device, ctx.fast):
-            logits = model(prepare_input(x, ctx.fast))
+        with autocast(ctx.device, ctx.amp):
+            logits = model(prepare_input(x, ctx.amp))
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

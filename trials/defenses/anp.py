@@ -132,11 +132,11 @@ def optimize_masks(
     total = torch.zeros((), device=device)
     for it in range(p.iterations):
         idx = torch.randint(0, len(images), (p.batch_size,), device=device, generator=ctx.generator)
-        x = prepare_input(augment(to_float(images[idx]), ctx.generator), ctx.fast)
+        x = prepare_input(augment(to_float(images[idx]), ctx.generator), ctx.amp)
         y = labels[idx]
 
         def ce(overrides: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
-            with autocast(ctx.device, ctx.fast):
+            with autocast(ctx.device, ctx.amp):
                 return F.cross_entropy(functional_call(work, overrides, (x,)).float(), y)
 
         noise = None
@@ -222,16 +222,16 @@ def choose_threshold(
     labels: torch.Tensor,
     budget: float,
     prune_bias: bool,
-    fast: bool = False,
 ) -> tuple[float, dict[str, float]]:
     """Rule clean_acc: the largest grid threshold before the first whose relative clean-ACC drop on
-    the defender's images exceeds the budget. Only the defense's own clean data is used."""
-    base = float((predict(model, images, fast=fast) == labels).float().mean())
+    the defender's images exceeds the budget (float32, `predict`). Only the defense's own clean data
+    is used."""
+    base = float((predict(model, images) == labels).float().mean())
     chosen, accs = 0.0, {}
     for threshold in THRESHOLD_GRID:
         trial = copy.deepcopy(model)
         prune(trial, masks, threshold, prune_bias)
-        acc = float((predict(trial, images, fast=fast) == labels).float().mean())
+        acc = float((predict(trial, images) == labels).float().mean())
         accs[str(threshold)] = round(acc, 4)
         if base > 0 and (base - acc) / base > budget:
             break
@@ -262,7 +262,7 @@ class ANP(Defense):
         threshold = p.threshold
         if p.threshold_rule == "clean_acc":
             threshold, extra = choose_threshold(
-                model, masks, data.images, data.labels, p.acc_drop_budget, p.prune_bias, ctx.fast
+                model, masks, data.images, data.labels, p.acc_drop_budget, p.prune_bias
             )
         counts = prune(model, masks, threshold, p.prune_bias)
         ctx.findings.update(

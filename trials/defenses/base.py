@@ -19,6 +19,16 @@ Data kinds (the runner hands over exactly what is declared):
 The amount of unlabeled or clean data is the defense's `data_fraction` (of the training split's
 size, the convention of the papers: BCU's 5,000 CIFAR-10 images are 10 %) or `data_count`.
 
+Training precision (`precision`, on CUDA only; the CPU always runs float32):
+- `amp` (the default): bf16 autocast and channels_last, `ctx.amp` True;
+- `fp32`: float32 with TF32 matmuls / convolutions allowed, `ctx.amp` False. Declared by the erasers
+  whose losses compare nearly equal logits: DHBE (L1 between teacher and student logits, whose
+  gradient is a sign that bf16 rounding zeroes for many entries), BCU (distillation) and PBE (the
+  cosine similarity of logits that picks the pool); and by those that never autocast (I-BAU,
+  CLP, identity), so that what is recorded is what runs.
+A trial may override it (`DefenseSpec.amp`); the precision used is recorded in spec.yaml.
+Evaluation (ACC, ASR, every metric, the monitor) is always IEEE float32 (`trials.metrics.logits`).
+
 A defense never imports an attack, Ray, MLflow or Optuna: it does not know what it removes; the
 runner evaluates the trigger through `ctx.monitor` and after `run` returns.
 """
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +49,9 @@ import torch.nn as nn
 from trials.params import param
 
 DataKind = Literal["none", "unlabeled", "clean_labeled", "poisoned_train"]
-DATA_KINDS: tuple[str, ...] = ("none", "unlabeled", "clean_labeled", "poisoned_train")
+DATA_KINDS: tuple[str, ...] = typing.get_args(DataKind)
+Precision = Literal["amp", "fp32"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
 def data_fraction_param(
@@ -91,7 +104,7 @@ class DefenseContext:
     device: torch.device
     seed: int  # the trial's derived seed (trials.device.derive_seed), not the user's
     generator: torch.Generator  # on the device; the defense's only source of randomness there
-    fast: bool = False  # bf16 autocast and channels_last (CUDA only)
+    amp: bool = False  # train under bf16 autocast, channels_last (CUDA only; see Defense.precision)
     progress: Progress | None = None
     monitor: Monitor | None = None  # runner-side: validation-half ACC/ASR of a model
     checkpoint_dir: Path | None = None
@@ -167,7 +180,8 @@ class Defense(abc.ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type]
-    data_kind: ClassVar[str] = "none"
+    data_kind: ClassVar[DataKind] = "none"
+    precision: ClassVar[Precision] = "amp"  # training precision on CUDA (module docstring)
     changes_model: ClassVar[bool] = True  # False only for the no-defense reference (`identity`)
 
     def __init__(self, params: Any) -> None:

@@ -113,6 +113,7 @@ def distillation_loss(
 class BCU(Defense):
     Params = BCUParams
     data_kind = "unlabeled"
+    precision = "fp32"  # distillation between nearly equal teacher and student logits
 
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:
         assert data is not None and data.images is not None
@@ -140,8 +141,8 @@ class BCU(Defense):
                 generator=ctx.generator,
                 device=images.device,
             ):
-                x = prepare_input(to_float(augment(images[idx], ctx.generator)), ctx.fast)
-                with autocast(ctx.device, ctx.fast):
+                x = prepare_input(to_float(augment(images[idx], ctx.generator)), ctx.amp)
+                with autocast(ctx.device, ctx.amp):
                     with torch.no_grad():
                         t = teacher(x)
                     loss = distillation_loss(student(x).float(), t.float(), temperature)

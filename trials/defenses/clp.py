@@ -48,6 +48,7 @@ def outlier_channels(uclc: torch.Tensor, u: float) -> torch.Tensor:
 class CLP(Defense):
     Params = CLPParams
     data_kind = "none"
+    precision = "fp32"  # no forward pass in training: the weights alone decide
 
     @torch.no_grad()
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:

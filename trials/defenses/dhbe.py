@@ -21,7 +21,9 @@ Code-faithful details kept on purpose (they are part of the method):
 
 The paper's variant (128 samples per iteration, 3 student steps) is `batch_size=128 student_steps=3`.
 With `lam=0` the method is DFAD (the ablation; the official `DFAD_train.py`): Gp is neither built into
-the losses nor trained, no patched batch is drawn and S sees 1 pass per student step.
+the losses nor trained, no patched batch is drawn and S sees 1 pass per student step, and the TV2
+weight defaults to DFAD_train.py's 0 instead of DHBE_train.py's 1e-4 (`tv2_weight` left unset; an
+explicit value is kept, e.g. `lam=0 tv2_weight=1e-4` isolates the regularizer alone).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from trials.defenses.registry import register_defense
 from trials.device import autocast, prepare_input, prepare_model
 from trials.models.base import init_weights
 from trials.params import param
+from trials.training import milestone_epochs
+
+DHBE_TV2_WEIGHT = 1e-4  # DHBE_train.py's --loss_weight_tvl2 default
+DFAD_TV2_WEIGHT = 0.0  # DFAD_train.py's: the lam = 0 ablation's default
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class DHBEParams:
     lr_patch: float = param(1e-3, "Adam learning rate of the patch generator Gp", low=0.0, low_exclusive=True)
     momentum: float = param(0.9, "SGD momentum of the student", low=0.0, high=1.0)
     weight_decay: float = param(5e-4, "SGD weight decay of the student", low=0.0)
-    milestones: tuple[float, ...] = param(
+    milestone_fractions: tuple[float, ...] = param(
         (0.6, 0.8), "LR decay points of all three optimizers, fractions of epochs", low=0.0, high=1.0
     )
     gamma: float = param(0.1, "LR decay factor at each milestone", low=0.0, high=1.0, low_exclusive=True)
@@ -69,13 +75,21 @@ class DHBEParams:
     generator_width: int = param(64, "ngf of the sample generator G", low=1)
     patch_generator_width: int = param(64, "ngf of the patch generator Gp", low=1)
     tv1_weight: float = param(0.0, "w1, weight of the L1 total variation of G's images", low=0.0)
-    tv2_weight: float = param(
-        1e-4, "w2, weight of the L2 (Frobenius-norm) total variation of G's images", low=0.0
+    tv2_weight: float | None = param(
+        None,
+        "w2, weight of the L2 (Frobenius-norm) total variation of G's images; None: 1e-4 (DHBE_train.py), "
+        "or 0 with lam = 0 (DFAD_train.py)",
+        low=0.0,
     )
     student_init: Literal["teacher", "random"] = param(
         "teacher", "student start: the backdoored weights (code) or random (DFAD)"
     )
     image_size: int | None = param(None, "image side; None: from the data description, else 32", low=1)
+
+    def __post_init__(self) -> None:
+        # an unset TV2 weight is resolved here, so the resolved spec records the weight that ran
+        if self.tv2_weight is None:
+            object.__setattr__(self, "tv2_weight", DHBE_TV2_WEIGHT if self.lam > 0 else DFAD_TV2_WEIGHT)
 
 
 # --- the losses ------------------------------------------------------------------------------------
@@ -98,13 +112,13 @@ def _shifts(x: torch.Tensor) -> list[torch.Tensor]:
 
 def tv1(x: torch.Tensor) -> torch.Tensor:
     """Sum over the 4 directions of the mean absolute difference."""
-    return sum(d.abs().mean() for d in _shifts(x.float()))  # type: ignore[return-value]
+    return sum(d.abs().mean() for d in _shifts(x.float()))
 
 
 def tv2(x: torch.Tensor) -> torch.Tensor:
     """Sum over the 4 directions of the Frobenius norm of the whole-batch difference (not squared, not
     averaged: its scale grows with the batch size, as in the code)."""
-    return sum(torch.linalg.vector_norm(d) for d in _shifts(x.float()))  # type: ignore[return-value]
+    return sum(torch.linalg.vector_norm(d) for d in _shifts(x.float()))
 
 
 # --- the defense -----------------------------------------------------------------------------------
@@ -114,10 +128,11 @@ def tv2(x: torch.Tensor) -> torch.Tensor:
 class DHBE(Defense):
     Params = DHBEParams
     data_kind = "none"
+    precision = "fp32"  # L1 of nearly equal teacher / student logits: sign gradients, zeroed by bf16 rounding
 
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:
         p: DHBEParams = self.params
-        dev, fast, gen = ctx.device, ctx.fast, ctx.generator
+        dev, amp, gen = ctx.device, ctx.amp, ctx.generator
         channels = int(model.normalize.mean.shape[1])
         if data is not None and data.image_shape is not None:
             image_size = int(data.image_shape[-1])
@@ -126,10 +141,10 @@ class DHBE(Defense):
         norm = model.normalize  # x -> (x - mean) / std ; norm.inverse: z -> z * std + mean
 
         # T: the backdoored model, frozen, eval mode. S: initialized from T (code) or at random (DFAD).
-        teacher = prepare_model(copy.deepcopy(model), dev, fast).eval()
+        teacher = prepare_model(copy.deepcopy(model), dev, amp).eval()
         for w in teacher.parameters():
             w.requires_grad_(False)
-        student = prepare_model(model, dev, fast)
+        student = prepare_model(model, dev, amp)
         if p.student_init == "random":
             _reinitialize(student)
 
@@ -138,14 +153,14 @@ class DHBE(Defense):
             torch.manual_seed((ctx.seed + 7) % 2**63)
             G = SampleGenerator(p.nz, p.generator_width, channels, image_size)
             Gp = PatchGenerator(p.nz_patch, p.patch_generator_width, channels, p.patch_size, image_size)
-        G, Gp = prepare_model(G, dev, fast), prepare_model(Gp, dev, fast)
+        G, Gp = prepare_model(G, dev, amp), prepare_model(Gp, dev, amp)
 
         opt_S = torch.optim.SGD(
             student.parameters(), lr=p.lr_student, momentum=p.momentum, weight_decay=p.weight_decay
         )
         opt_G = torch.optim.Adam(G.parameters(), lr=p.lr_generator)
         opt_Gp = torch.optim.Adam(Gp.parameters(), lr=p.lr_patch)
-        milestones = sorted(int(m * p.epochs) for m in p.milestones)  # as in the code: [180, 240] of 300
+        milestones = milestone_epochs(p.milestone_fractions, p.epochs)  # the code's [180, 240] of 300
         sched_S, sched_G, sched_Gp = (
             torch.optim.lr_scheduler.MultiStepLR(o, milestones, p.gamma) for o in (opt_S, opt_G, opt_Gp)
         )
@@ -167,7 +182,7 @@ class DHBE(Defense):
 
         def patched(v: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
             """x_pat = norm(denorm(v) + pad(P)): the patch is added in pixel space, without clamping."""
-            return prepare_input(norm(norm.inverse(v) + Gp.random_pad(patches, gen)), fast)
+            return prepare_input(norm(norm.inverse(v) + Gp.random_pad(patches, gen)), amp)
 
         with_patch = p.lam > 0
         student.train()
@@ -178,12 +193,12 @@ class DHBE(Defense):
             for _ in range(p.iters_per_epoch):
                 # (1) student steps: min_S  L_kd + lam * L_br on fresh v = G(z) and P = Gp(z2), both fixed
                 for _ in range(p.student_steps):
-                    with torch.no_grad(), autocast(dev, fast):
-                        v = prepare_input(G(noise(p.nz)), fast)
+                    with torch.no_grad(), autocast(dev, amp):
+                        v = prepare_input(G(noise(p.nz)), amp)
                         t_logit = teacher.forward_normalized(v)
                         x_pat = patched(v, Gp(noise(p.nz_patch))) if with_patch else None
                     opt_S.zero_grad(set_to_none=True)
-                    with autocast(dev, fast):
+                    with autocast(dev, amp):
                         s_logit = student.forward_normalized(v)
                         loss_kd = l1(s_logit, t_logit)
                         loss_S = loss_kd
@@ -195,8 +210,8 @@ class DHBE(Defense):
 
                 # (2) sample-generator step: max_G |S(v) - T(v)|, with the image priors TV1 / TV2
                 opt_G.zero_grad(set_to_none=True)
-                with autocast(dev, fast):
-                    v = prepare_input(G(noise(p.nz)), fast)
+                with autocast(dev, amp):
+                    v = prepare_input(G(noise(p.nz)), amp)
                     loss_adv = -l1(student.forward_normalized(v), teacher.forward_normalized(v))
                     loss_G = loss_adv
                     if p.tv1_weight:
@@ -210,9 +225,9 @@ class DHBE(Defense):
                 loss_Gp = torch.zeros((), device=dev)
                 if with_patch:
                     opt_Gp.zero_grad(set_to_none=True)
-                    with autocast(dev, fast):
+                    with autocast(dev, amp):
                         with torch.no_grad():
-                            v = prepare_input(G(noise(p.nz)), fast)
+                            v = prepare_input(G(noise(p.nz)), amp)
                             s_logit = student.forward_normalized(v)  # no gradient reaches Gp through it
                         loss_Gp = -l1(s_logit, student.forward_normalized(patched(v, Gp(noise(p.nz_patch)))))
                     loss_Gp.backward(inputs=list(Gp.parameters()))  # only Gp learns here

@@ -27,6 +27,7 @@ from trials.data.pipeline import Augment, batch_indices, to_float
 from trials.defenses.base import DataBudgetParams, DefenseContext, data_fraction_param
 from trials.device import autocast, prepare_input
 from trials.params import param
+from trials.training import step_decay
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -82,7 +83,7 @@ def finetune(
     augment = Augment(pad=p.crop_pad, flip=flip)
     index = epoch_index(len(images), p.min_epoch_size, images.device)
     for epoch in range(epochs):
-        lr_now = base_lr * 0.1 ** sum(epoch >= m for m in p.milestones)
+        lr_now = base_lr * step_decay(epoch, p.milestones, 0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         model.train()
@@ -104,12 +105,12 @@ def finetune(
             x, y = augment(to_float(images[idx]), ctx.generator), labels[idx]
             if transform is not None:
                 x, y = transform(x, y, ctx.generator)
-            with autocast(ctx.device, ctx.fast):
+            with autocast(ctx.device, ctx.amp):
                 if loss_fn is None:
-                    logits = model(prepare_input(x, ctx.fast))
+                    logits = model(prepare_input(x, ctx.amp))
                     loss = F.cross_entropy(logits.float(), y)
                 else:
-                    logits, loss = loss_fn(model, prepare_input(x, ctx.fast), y)
+                    logits, loss = loss_fn(model, prepare_input(x, ctx.amp), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

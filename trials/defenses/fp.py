@@ -79,14 +79,14 @@ class PruningChoice:
 
 
 @torch.no_grad()
-def mean_features(model: nn.Module, images: torch.Tensor, fast: bool, batch_size: int = 512) -> torch.Tensor:
+def mean_features(model: nn.Module, images: torch.Tensor, amp: bool, batch_size: int = 512) -> torch.Tensor:
     """Pooled last-stage features of every image (eval mode, no augmentation), N x C float."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = prepare_input(to_float(images[i : i + batch_size]), fast)
-        with autocast(x.device, fast):
+        x = prepare_input(to_float(images[i : i + batch_size]), amp)
+        with autocast(x.device, amp):
             out.append(model.features(x).float())
     model.train(was_training)
     return torch.cat(out)
@@ -138,7 +138,7 @@ class FP(Defense):
         p = self.params
         head: nn.Linear = model.head
         # activations and the pruning level both come from the defender's own clean images
-        features = mean_features(model, data.images, ctx.fast)
+        features = mean_features(model, data.images, ctx.amp)
         choice = choose_pruning(
             features, data.labels, head.weight.detach(), head.bias, p.prune_step, p.max_acc_drop
         )

@@ -199,7 +199,7 @@ def trigger_success(
     labels: torch.Tensor,
     target: int,
     generator: torch.Generator,
-    fast: bool = False,
+    amp: bool = False,
 ) -> float:
     """Share of the non-target images sent to `target` by one sampled trigger each, pasted at a
     random location per image (the defender's images; a measurement, so no search noise)."""
@@ -214,7 +214,7 @@ def trigger_success(
     top, left = random_locations(
         len(x), x.shape[-2:], triggers.shape[-1], generator, x.device, per_image=True
     )
-    with autocast(x.device, fast):
+    with autocast(x.device, amp):
         pred = model(paste(x, triggers, top, left)).argmax(1)
     return float((pred == target).float().mean())
 
@@ -248,7 +248,7 @@ def search(
                 triggers = gen(z)
                 noisy = triggers + p.search_noise * torch.randn(triggers.shape, generator=g, device=device)
                 top, left = random_locations(n, (h, w), k, g, device, per_image=False)
-                with autocast(device, ctx.fast):
+                with autocast(device, ctx.amp):
                     logits = model(paste(x, noisy, top, left))
                 prob = F.softmax(logits.float(), dim=1)[:, target]
                 hinge = prob.clamp(max=beta).mean()  # mean_i min(p_target, beta)
@@ -282,7 +282,7 @@ def search(
                     **stats,
                 }
             )
-        stats["success"] = trigger_success(model, gen, images, labels, target, g, ctx.fast)
+        stats["success"] = trigger_success(model, gen, images, labels, target, g, ctx.amp)
     return gen.eval(), stats
 
 

@@ -163,6 +163,7 @@ def stamp(x: torch.Tensor, delta: torch.Tensor, clamp: bool) -> torch.Tensor:
 class IBAU(Defense):
     Params = IBAUParams
     data_kind = "clean_labeled"
+    precision = "fp32"  # runs in float32 without autocast anyway (module docstring)
 
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:
         assert data.images is not None and data.labels is not None
@@ -188,7 +189,7 @@ class IBAU(Defense):
                 x = to_float(data.images[index[batch]])
                 if augment is not None:
                     x = augment(x, ctx.generator)
-                xs.append(prepare_input(x, ctx.fast))
+                xs.append(prepare_input(x, ctx.amp))
                 ys.append(data.labels[index[batch]])
             delta, delta_ce = find_perturbation(
                 model, xs, p.delta_lr, p.delta_reg, p.delta_max_norm, p.clamp_images

@@ -18,6 +18,7 @@ from trials.params import NoParams
 class Identity(Defense):
     Params = NoParams
     data_kind = "none"
+    precision = "fp32"  # nothing is trained
     changes_model = False
 
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:

@@ -77,7 +77,7 @@ def curve_point(
 
 
 @torch.no_grad()
-def update_bn(model: nn.Module, images: torch.Tensor, batch_size: int, fast: bool = False) -> None:
+def update_bn(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool = False) -> None:
     """Re-estimate every BN's running statistics from scratch: reset, then one pass in train mode
     with momentum b / (n_seen + b), i.e. the running values are the size-weighted average of the
     batch statistics (the code's utils.update_bn)."""
@@ -91,10 +91,10 @@ def update_bn(model: nn.Module, images: torch.Tensor, batch_size: int, fast: boo
     model.train()
     seen = 0
     for start in range(0, len(images), batch_size):
-        x = prepare_input(to_float(images[start : start + batch_size]), fast)
+        x = prepare_input(to_float(images[start : start + batch_size]), amp)
         for bn in bns:
             bn.momentum = len(x) / (seen + len(x))
-        with autocast(x.device, fast):
+        with autocast(x.device, amp):
             model(x)
         seen += len(x)
     for bn, momentum in momenta.items():
@@ -110,14 +110,14 @@ def write_point(
     theta2: dict[str, torch.Tensor],
     images: torch.Tensor,
     batch_size: int,
-    fast: bool = False,
+    amp: bool = False,
 ) -> nn.Module:
     """Step 4 in place: theta(t) into the model's parameters, then BN statistics re-estimated."""
     point = curve_point(t, theta0, theta1, theta2)
     with torch.no_grad():
         for name, q in model.named_parameters():
             q.copy_(point[name])
-    update_bn(model, images, batch_size, fast)
+    update_bn(model, images, batch_size, amp)
     return model.eval()
 
 
@@ -166,10 +166,10 @@ class MCR(Defense):
                 device=images.device,
             ):
                 idx = index[batch]
-                x = prepare_input(augment(to_float(images[idx]), ctx.generator), ctx.fast)
+                x = prepare_input(augment(to_float(images[idx]), ctx.generator), ctx.amp)
                 t = torch.rand((), device=images.device, generator=ctx.generator)
                 point = curve_point(t, theta0, theta1, theta2)
-                with autocast(ctx.device, ctx.fast):
+                with autocast(ctx.device, ctx.amp):
                     logits = functional_call(model, point, (x,))
                 loss = F.cross_entropy(logits.float(), labels[idx])
                 if p.curve_weight_decay > 0:
@@ -181,7 +181,7 @@ class MCR(Defense):
                 seen += len(idx)
             # progress: the returned point as it would be now (copy, BN statistics re-estimated)
             preview = write_point(
-                copy.deepcopy(model), p.t, theta0, theta1, theta2, images, p.curve_batch_size, ctx.fast
+                copy.deepcopy(model), p.t, theta0, theta1, theta2, images, p.curve_batch_size, ctx.amp
             )
             ctx.report(
                 {
@@ -194,7 +194,7 @@ class MCR(Defense):
                 preview,
             )
         model.requires_grad_(True)
-        write_point(model, p.t, theta0, theta1, theta2, images, p.curve_batch_size, ctx.fast)
+        write_point(model, p.t, theta0, theta1, theta2, images, p.curve_batch_size, ctx.amp)
         with torch.no_grad():
             bend_shift = sum(float((theta1[n] - (theta0[n] + theta2[n]) / 2).pow(2).sum()) for n in theta0)
             span = sum(float((theta2[n] - theta0[n]).pow(2).sum()) for n in theta0)

@@ -196,7 +196,7 @@ def reverse_engineer(
     p: NCParams,
     generator: torch.Generator,
     *,
-    fast: bool = False,
+    amp: bool = False,
     progress: Callable[[int, dict[int, tuple[float, float]]], None] | None = None,
 ) -> ReversedTriggers:
     """Steps 1-2 for every label in `labels` at once, on float or uint8 `images` (the defender's)."""
@@ -229,7 +229,7 @@ def reverse_engineer(
                 mask = to_unit_interval(mask_v[idx_active])  # A x 1 x H x W
                 pattern = to_unit_interval(pattern_v[idx_active])
                 stamped = (1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]  # A x B x C x H x W
-                with autocast(device, fast):
+                with autocast(device, amp):
                     logits = model(stamped.flatten(0, 1)).float().view(len(active), len(x), -1)
                 goal = targets[idx_active][:, None].expand(-1, len(x))
                 ce = F.cross_entropy(logits.flatten(0, 1), goal.flatten(), reduction="none")
@@ -310,7 +310,7 @@ class NeuralCleanse(Defense):
             list(range(data.num_classes)),
             p,
             ctx.generator,
-            fast=ctx.fast,
+            amp=ctx.amp,
             progress=progress,
         )
         index, flagged = mad_anomaly(found.norms, p.anomaly_threshold)

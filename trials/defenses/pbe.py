@@ -56,6 +56,7 @@ def similarity_scores(logits_before: torch.Tensor, logits_now: torch.Tensor) -> 
 class PBE(Defense):
     Params = PBEParams
     data_kind = "poisoned_train"
+    precision = "fp32"  # the pool follows the cosine similarity of logits before and after fine-tuning
 
     def run(self, model: nn.Module, data: DefenseData, ctx: DefenseContext) -> nn.Module:
         assert data is not None and data.images is not None and data.labels is not None
@@ -69,7 +70,7 @@ class PBE(Defense):
                 )
         images, labels = data.images, data.labels
         n = len(images)
-        logits_b = logits(model, images, fast=ctx.fast)  # f_b on every training image
+        logits_b = logits(model, images)  # f_b on every training image (float32, as every `logits`)
         pool_size = max(1, int(round(p.initial_pool * n)))
         pool = torch.randperm(n, device=images.device, generator=ctx.generator)[:pool_size]
         optimizer = make_optimizer(model, p)
@@ -88,7 +89,7 @@ class PBE(Defense):
                     model if epoch == p.epochs_per_step - 1 else None,
                 )
             if t < steps - 1:
-                scores = similarity_scores(logits_b, logits(model, images, fast=ctx.fast))
+                scores = similarity_scores(logits_b, logits(model, images))
                 keep = max(1, int(round(p.pool_schedule[t] * n)))
                 pool = scores.argsort(descending=True)[:keep]
         return model.eval()

@@ -40,7 +40,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(ImageClassifier):
-    def __init__(self, blocks, widths, num_classes: int, image_size: int, mean, std) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, blocks, widths, num_classes: int, image_size: int, mean, std) -> None:
         super().__init__(mean, std)
         self.stem = nn.Conv2d(3, widths[0], 3, stride=2 if image_size >= 64 else 1, padding=1, bias=False)
         cin = widths[0]

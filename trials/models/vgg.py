@@ -15,7 +15,7 @@ BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512
 
 
 class VGG(ImageClassifier):
-    def __init__(self, blocks, num_classes: int, image_size: int, mean, std) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, blocks, num_classes: int, image_size: int, mean, std) -> None:
         super().__init__(mean, std)
         cin = 3
         for name, widths in zip(self.stage_names, blocks, strict=True):

@@ -40,7 +40,7 @@ class WideBlock(nn.Module):
 class WideResNet(ImageClassifier):
     stage_names = ("stem", "layer1", "layer2", "layer3")
 
-    def __init__(self, depth: int, widen: int, num_classes: int, image_size: int, mean, std) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, depth: int, widen: int, num_classes: int, image_size: int, mean, std) -> None:
         super().__init__(mean, std)
         n = (depth - 4) // 6
         widths = (16 * widen, 32 * widen, 64 * widen)

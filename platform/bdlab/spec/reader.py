@@ -1,4 +1,5 @@
-"""Sweep specs: a YAML file -> a validated `SweepSpec` of attack cells and defense entries.
+"""Reading a sweep file: YAML -> a validated `SweepSpec` (bdlab.spec.model) of attack cells and
+defense entries.
 
     name: quickstart
     datasets: [digits]
@@ -11,9 +12,6 @@ The format is described in `search_spaces/README.md`. Every name, parameter, pre
 distribution is checked here, and every defense's default configuration (preset + fixed) is resolved
 through the defense's typed parameters, so a bad spec fails at load time with one line naming the file,
 the path inside it, the value and what is allowed, never inside a trial.
-
-Phase 1 of a sweep trains one attacked model per `AttackCell` (datasets x models x attack grid points x
-seeds); phase 2 runs one Optuna study per `DefenseCell` (attack cell x defense entry).
 """
 
 from __future__ import annotations
@@ -21,16 +19,23 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
-import json
 import re
-import typing
 from collections.abc import Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdlab.spaces import Distribution, at, display_path, field_kind_of, load_space, parse_space, read_yaml
+from bdlab.spaces import Distribution, at, display_path, load_space, parse_space, read_yaml
+from bdlab.spec.grid import expand_grid, located, mapping
+from bdlab.spec.model import (
+    DIRECTIONS,
+    AttackCell,
+    DefenseEntry,
+    FailurePolicy,
+    Resources,
+    SamplerSettings,
+    SweepSpec,
+    TrialResources,
+)
 from trials.errors import InvalidValue
 from trials.params import as_dict, resolve_params
 
@@ -55,132 +60,10 @@ DATASET_KEYS = ("name", "params", "root")
 ATTACK_KEYS = ("name", "params")
 DEFENSE_KEYS = ("name", "preset", "fixed", "space", "trials")
 DEFAULTS_KEYS = ("preset", "space", "trials")
-SAMPLERS = ("tpe", "random", "gp", "nsga2")
-DIRECTIONS = ("max", "min")
 DEFAULT_OBJECTIVES = {"acc": "max", "asr": "min"}
 DEFAULT_TRIALS = 4
-DEFAULT_RESOURCES = {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 1, "gpu": 0}}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-# --- the spec ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttackCell:
-    """One attacked model to train (or reuse): dataset x model x attack params x seed.
-
-    `dataset_params` and `attack_params` hold only the values the spec sets (typed); `identity()`
-    fills in every default.
-    """
-
-    dataset: str
-    dataset_params: dict[str, Any]
-    data_root: str | None
-    model: str
-    attack: str
-    attack_params: dict[str, Any]
-    seed: int
-    training: dict[str, Any]  # TrainRecipe overrides; "epochs" among them
-
-    def attack_spec(self, device: str = "auto") -> Any:
-        from trials.run import AttackSpec
-
-        recipe = {k: v for k, v in self.training.items() if k != "epochs"}
-        return AttackSpec(
-            dataset=self.dataset,
-            model=self.model,
-            attack=self.attack,
-            attack_params=dict(self.attack_params),
-            dataset_params=dict(self.dataset_params),
-            data_root=self.data_root,
-            seed=self.seed,
-            epochs=self.training.get("epochs"),
-            recipe=recipe,
-            device=device,
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """Fully explicit, JSON-able description (every default filled in, keys sorted): what the
-        attacked model depends on, for cache keys. Laid out like the `spec.yaml` of `bdlab attack`."""
-        from trials.attacks import ATTACKS
-        from trials.data import make_dataset
-        from trials.run import resolve_recipe
-
-        dataset = make_dataset(self.dataset, self.dataset_params, self.data_root)
-        attack_params = resolve_params(ATTACKS.get(self.attack).Params, self.attack_params, owner="attack")
-        return _sorted(
-            {
-                "dataset": {
-                    "name": self.dataset,
-                    "params": {**as_dict(dataset.split), **as_dict(dataset.params)},
-                    "root": self.data_root,
-                },
-                "model": self.model,
-                "attack": {"name": self.attack, "params": as_dict(attack_params)},
-                "seed": self.seed,
-                "recipe": as_dict(resolve_recipe(self.attack_spec())),
-            }
-        )
-
-    @property
-    def label(self) -> str:
-        """Short and human: `digits/mini_resnet/badnets(ratio=0.05)/s0`."""
-        return (
-            f"{self.dataset}{_args(self.dataset_params)}/{self.model}/"
-            f"{self.attack}{_args(self.attack_params)}/s{self.seed}"
-        )
-
-
-@dataclass(frozen=True)
-class DefenseEntry:
-    """One defense of the sweep: its default configuration (preset + fixed) and its search space."""
-
-    name: str
-    preset: str | None
-    fixed: dict[str, Any]
-    space: dict[str, Distribution]
-    trials: int  # per defense cell, the default configuration included
-    space_source: str = "inline"  # "default" (the defense's space file), "none" or "inline"
-
-    def default_params(self) -> dict[str, Any]:
-        """Preset values merged with `fixed`: the full override dict of the default trial (what
-        `DefenseSpec.params` gets with `preset=None`). A trial's params are this updated with the
-        sampled values."""
-        from trials.presets import load_preset
-
-        return {**(load_preset(self.name, self.preset) if self.preset else {}), **self.fixed}
-
-
-@dataclass(frozen=True)
-class DefenseCell:
-    """One Optuna study: a defense searched on one attacked model."""
-
-    attack: AttackCell
-    defense: DefenseEntry
-
-    @property
-    def label(self) -> str:
-        return f"{self.attack.label} :: {self.defense.name}"
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    attack_cells: list[AttackCell]
-    defenses: list[DefenseEntry]
-    objectives: dict[str, str]  # metric -> "max" | "min", in order (the study's directions)
-    sampler: dict[str, Any]  # {"name": tpe | random | gp | nsga2, "seed": int}
-    resources: dict[str, dict[str, float]]  # {"attack": {"cpu", "gpu"}, "defense": {"cpu", "gpu"}}
-    failure: dict[str, Any]  # {"max_retries": int}
-    device: str
-    source: str = "<inline>"
-    plugins: list[str] = dataclasses.field(default_factory=list)  # modules registering extra components
-
-    def defense_cells(self) -> list[DefenseCell]:
-        """Attack cells x defenses, in spec order."""
-        return [DefenseCell(a, d) for a in self.attack_cells for d in self.defenses]
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -214,9 +97,9 @@ def parse_sweep(data: Any, source: str = "<inline>") -> SweepSpec:
         attack_cells=cells,
         defenses=defenses,
         objectives=_objectives(data.get("objectives", DEFAULT_OBJECTIVES), at(source, "objectives")),
-        sampler=_sampler(data.get("sampler") or {}, at(source, "sampler")),
+        sampler=_settings(SamplerSettings, data.get("sampler") or {}, at(source, "sampler")),
         resources=_resources(data.get("resources") or {}, at(source, "resources")),
-        failure=_failure(data.get("failure") or {}, at(source, "failure")),
+        failure=_settings(FailurePolicy, data.get("failure") or {}, at(source, "failure")),
         device=_device(data.get("device", "auto"), at(source, "device")),
         source=source,
         plugins=plugins,
@@ -257,7 +140,7 @@ def _datasets(raw: Any, where: str) -> list[tuple[str, list[dict[str, Any]], str
         params_cls = [SplitParams, cls.Params]
         points = expand_grid(params_cls, entry.get("params") or {}, at(loc, "params"), f"dataset {name}")
         for point in points:
-            with _located(at(loc, "params"), keep_field=True):
+            with located(at(loc, "params"), keep_field=True):
                 make_dataset(name, point, root)
         out.append((name, points, root))
     return out
@@ -300,7 +183,7 @@ def _attack_cells(
         dataset_axis, models, attack_axis, seeds
     ):
         cell = AttackCell(dataset, dataset_params, root, model, attack, attack_params, seed, dict(training))
-        key = json.dumps(cell.identity(), sort_keys=True)
+        key = cell.key
         if key in seen:
             raise InvalidValue(
                 at(source, "attacks"),
@@ -313,45 +196,6 @@ def _attack_cells(
     return cells
 
 
-def expand_grid(params_classes: list[type], raw: Any, where: str, owner: str) -> list[dict[str, Any]]:
-    """Expand `{param: value | [values]}` into grid points of typed values (the spec's values only).
-
-    A list is a grid of values, except for a list-typed param, whose grid is a list of lists.
-    """
-    raw = _mapping(raw, where, None)
-    fields: dict[str, tuple[dataclasses.Field, Any, type]] = {}
-    for cls in params_classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            fields[f.name] = (f, hints[f.name], cls)
-    axes: list[list[Any]] = []
-    for name, value in raw.items():
-        if name not in fields:
-            raise InvalidValue(
-                where, name, f"{owner} has the parameters: {', '.join(sorted(fields)) or 'none'}"
-            )
-        f, hint, cls = fields[name]
-        list_typed = field_kind_of(hint)[0] == "list"
-        is_grid = isinstance(value, list) and (
-            not list_typed or (bool(value) and all(isinstance(v, list) for v in value))
-        )
-        values = value if is_grid else [value]
-        if not values:
-            raise InvalidValue(at(where, name), value, "an empty list: give one value or a list of values")
-        typed = []
-        for v in values:
-            with _located(at(where, name)):
-                typed.append(as_dict(resolve_params(cls, {name: v}, owner=owner))[name])
-        axes.append(typed)
-    points = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*axes)]
-    for point in points:
-        for cls in params_classes:
-            own = {k: v for k, v in point.items() if fields[k][2] is cls}
-            with _located(where, keep_field=True):
-                resolve_params(cls, own, owner=owner)
-    return points
-
-
 def _training(raw: Any, where: str) -> dict[str, Any]:
     from trials.training import TrainRecipe
 
@@ -360,7 +204,7 @@ def _training(raw: Any, where: str) -> dict[str, Any]:
     for name, value in raw.items():
         if value is None and name == "epochs":
             continue  # the dataset's recipe
-        with _located(at(where, name)):
+        with located(at(where, name)):
             out[name] = as_dict(resolve_params(TrainRecipe, {name: value}, owner="attack_training"))[name]
     return out
 
@@ -368,8 +212,7 @@ def _training(raw: Any, where: str) -> dict[str, Any]:
 def _seeds(raw: Any, where: str) -> list[int]:
     seeds = _nonempty_list(raw, where)
     for i, seed in enumerate(seeds):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise InvalidValue(at(where, i), seed, "expected an integer >= 0")
+        _whole(seed, at(where, i), 0)
         if seed in seeds[:i]:
             raise InvalidValue(at(where, i), seed, "each seed may appear once")
     return list(seeds)
@@ -413,10 +256,7 @@ def _defense(
     space_raw, space_at = setting("space", "default")
     space, space_source = _space(name, space_raw, space_at, fixed, at(loc, "fixed"))
     trials, trials_at = setting("trials", DEFAULT_TRIALS)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise InvalidValue(
-            trials_at, trials, "expected an integer >= 1 (trials per defense cell, default config included)"
-        )
+    _whole(trials, trials_at, 1, " (trials per defense cell, default config included)")
     if not space:
         if "trials" in entry and trials > 1:
             raise InvalidValue(trials_at, trials, "an empty space runs only the default configuration: 1")
@@ -431,7 +271,7 @@ def _preset(name: str, preset: Any, where: str) -> str | None:
 
     if preset is not None and preset not in available_presets(name):
         allowed = ", ".join(available_presets(name)) or "none"
-        raise InvalidValue(where, preset, f"presets of {name}: {allowed} (search_spaces/presets/{name}.yaml)")
+        raise InvalidValue(where, preset, f"presets of {name}: {allowed} (trials/defenses/presets/{name}.yaml)")
     return preset
 
 
@@ -444,7 +284,7 @@ def _fixed(name: str, raw: Any, where: str) -> dict[str, Any]:
     for key, value in _mapping(raw, where, None).items():
         if key not in fields:
             raise InvalidValue(where, key, f"defense {name} has the parameters: {', '.join(sorted(fields))}")
-        with _located(at(where, key)):
+        with located(at(where, key)):
             fixed[key] = as_dict(resolve_params(params_cls, {key: value}, owner=f"defense {name}"))[key]
     return fixed
 
@@ -472,7 +312,7 @@ def _check_default_config(defense: DefenseEntry, loc: str) -> None:
     values the space can hold; the shipped default spaces hold the paper defaults and the presets.)"""
     from trials.run import DefenseSpec, resolve_defense
 
-    with _located(loc, keep_field=True):
+    with located(loc, keep_field=True):
         resolve_defense(DefenseSpec(defense.name, defense.default_params()))
 
 
@@ -480,54 +320,35 @@ def _check_default_config(defense: DefenseEntry, loc: str) -> None:
 
 
 def _objectives(raw: Any, where: str) -> dict[str, str]:
-    from trials.metrics import METRIC_KEYS
+    from trials.metrics import defense_metric_keys
 
     raw = _mapping(raw, where, None)
     if not raw:
         raise InvalidValue(where, raw, "at least one metric: direction, e.g. {acc: max, asr: min}")
     for metric, direction in raw.items():
-        if metric not in METRIC_KEYS:
-            raise InvalidValue(where, metric, f"metrics: {', '.join(METRIC_KEYS)}")
+        if metric not in defense_metric_keys():
+            raise InvalidValue(where, metric, f"metrics: {', '.join(defense_metric_keys())}")
         if direction not in DIRECTIONS:
             raise InvalidValue(at(where, metric), direction, "max or min")
     return dict(raw)
 
 
-def _sampler(raw: Any, where: str) -> dict[str, Any]:
-    raw = _mapping(raw, where, ("name", "seed"))
-    name = raw.get("name", "tpe")
-    if name not in SAMPLERS:
-        raise InvalidValue(at(where, "name"), name, f"samplers: {', '.join(SAMPLERS)}")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidValue(at(where, "seed"), seed, "expected an integer >= 0")
-    return {"name": name, "seed": seed}
+def _settings(cls: type, raw: Any, where: str) -> Any:
+    """A sweep-wide settings block (a dataclass of `param` fields) from its mapping: unknown keys,
+    types and ranges are checked by the fields themselves."""
+    raw = _mapping(raw, where, [f.name for f in dataclasses.fields(cls)])
+    for key, value in raw.items():
+        with located(at(where, key)):
+            resolve_params(cls, {key: value}, owner=where)
+    return resolve_params(cls, raw, owner=where)
 
 
-def _resources(raw: Any, where: str) -> dict[str, dict[str, float]]:
-    raw = _mapping(raw, where, tuple(DEFAULT_RESOURCES))
-    out = {}
-    for phase, default in DEFAULT_RESOURCES.items():
-        loc = at(where, phase)
-        given = _mapping(raw.get(phase) or {}, loc, ("cpu", "gpu"))
-        cpu, gpu = given.get("cpu", default["cpu"]), given.get("gpu", default["gpu"])
-        for key, value in (("cpu", cpu), ("gpu", gpu)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidValue(at(loc, key), value, "expected a number")
-        if not cpu > 0:
-            raise InvalidValue(at(loc, "cpu"), cpu, "must be > 0")
-        if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
-            raise InvalidValue(at(loc, "gpu"), gpu, "0, a fraction below 1 (a shared GPU), or a whole number")
-        out[phase] = {"cpu": cpu, "gpu": int(gpu) if float(gpu).is_integer() else gpu}
-    return out
-
-
-def _failure(raw: Any, where: str) -> dict[str, Any]:
-    raw = _mapping(raw, where, ("max_retries",))
-    retries = raw.get("max_retries", 1)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidValue(at(where, "max_retries"), retries, "expected an integer >= 0")
-    return {"max_retries": retries}
+def _resources(raw: Any, where: str) -> Resources:
+    raw = _mapping(raw, where, [f.name for f in dataclasses.fields(Resources)])
+    phases = {}
+    for phase, value in raw.items():
+        phases[phase] = _settings(TrialResources, value or {}, at(where, phase))
+    return Resources(**phases)
 
 
 def _device(raw: Any, where: str) -> str:
@@ -543,8 +364,7 @@ def _mapping(
     raw: Any, where: str, keys: Any, required: tuple[str, ...] = (), what: str = "a mapping"
 ) -> dict:
     """`raw` as a dict; with `keys`, unknown keys are errors listing the valid ones."""
-    if not isinstance(raw, Mapping):
-        raise InvalidValue(where, raw, f"expected {what} (key: value)")
+    raw = mapping(raw, where, what)
     if keys is not None:
         for key in raw:
             if key not in keys:
@@ -552,7 +372,14 @@ def _mapping(
     for key in required:
         if key not in raw:
             raise InvalidValue(where, f"(no {key})", f"required keys: {', '.join(required)}")
-    return dict(raw)
+    return raw
+
+
+def _whole(value: Any, where: str, low: int, what: str = "") -> int:
+    """An integer >= `low` (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidValue(where, value, f"expected an integer >= {low}{what}")
+    return value
 
 
 def _nonempty_list(raw: Any, where: str) -> list[Any]:
@@ -572,44 +399,3 @@ def _registered(registry: Any, name: Any, where: str) -> str:
     if not isinstance(name, str) or name not in registry:
         raise InvalidValue(where, name, f"registered {registry.family}s: {', '.join(registry.names())}")
     return name
-
-
-@contextmanager
-def _located(where: str, keep_field: bool = False):  # type: ignore[no-untyped-def]
-    """Re-raise an InvalidValue from `trials` at a location in the spec (keeping its field name
-    in the message when it says more than the location)."""
-    try:
-        yield
-    except InvalidValue as err:
-        allowed = f"{err.field}: {err.allowed}" if keep_field else err.allowed
-        raise InvalidValue(where, err.value, allowed) from None
-
-
-def _args(params: Mapping[str, Any]) -> str:
-    if not params:
-        return ""
-    return "(" + ",".join(f"{k}={_short(params[k])}" for k in sorted(params)) + ")"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_short(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _sorted(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _sorted(value[k]) for k in sorted(value)}
-    if isinstance(value, list | tuple):
-        return [_sorted(v) for v in value]
-    return value
-
-
-__all__ = [
-    "AttackCell",
-    "DefenseCell",
-    "DefenseEntry",
-    "SweepSpec",
-    "load_sweep",
-    "parse_sweep",
-]

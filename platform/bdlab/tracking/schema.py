@@ -1,0 +1,102 @@
+"""The tracking schema: the experiments the platform writes to and every tag it sets, defined once.
+
+Runs live in three kinds of experiments: `bdlab/<sweep>` (a sweep's parent run per generation, and
+one child run per defense trial), `bdlab/attacked-models` (one run per attacked model, shared by
+every sweep) and `bdlab/drivers` (the lease of the driver that runs a sweep). The README's "The
+tracking schema" documents each tag; metric names come from `trials.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+ATTACK_EXPERIMENT = "bdlab/attacked-models"
+DRIVER_EXPERIMENT = "bdlab/drivers"
+SWEEP_EXPERIMENT_PREFIX = "bdlab/"
+
+
+def sweep_experiment(sweep: str) -> str:
+    """The experiment of sweep `sweep`: its parent runs and every trial's child run."""
+    return f"{SWEEP_EXPERIMENT_PREFIX}{sweep}"
+
+
+def sweep_names(experiment_names: list[str]) -> list[str]:
+    """The sweeps among experiment names (the shared attacked-model and driver experiments aside)."""
+    shared = (ATTACK_EXPERIMENT, DRIVER_EXPERIMENT)
+    return sorted(
+        n.removeprefix(SWEEP_EXPERIMENT_PREFIX)
+        for n in experiment_names
+        if n.startswith(SWEEP_EXPERIMENT_PREFIX) and n not in shared
+    )
+
+
+PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its sweep's parent run
+
+# what a run is and where it belongs
+KIND = "bdlab.kind"  # sweep (a parent run), attack, driver
+SWEEP = "bdlab.sweep"
+GENERATION = "bdlab.generation"  # a sweep's generation (re-run with --fresh: the next one)
+PHASE = "bdlab.phase"  # attack | defense
+SPEC = "bdlab.spec"  # the sweep file a parent run was started from
+
+# the cell a trial belongs to
+DATASET = "bdlab.dataset"
+MODEL = "bdlab.model"
+ATTACK = "bdlab.attack"
+DEFENSE = "bdlab.defense"
+CELL = "bdlab.cell"  # the cell's human label
+CACHE_KEY = "bdlab.cache_key"  # the attacked model's content address
+CODE_VERSION = "bdlab.code_version"  # hash of the code that trained an attacked model
+
+# a defense trial
+STUDY = "bdlab.study"  # its Optuna study
+TRIAL = "bdlab.trial"  # its Optuna trial number
+DEFAULT = "bdlab.default"  # "true" for the cell's default configuration
+STATUS = "bdlab.status"  # running | complete | failed
+FAILURE = "bdlab.failure"  # the reason of a trial that failed for good
+EARLIER_FAILURE = "bdlab.earlier_failure"  # the reason of a failed attempt that a retry completed
+
+# claims (bdlab.claims): one process does a piece of work
+CLAIM = "bdlab.claim"
+HEARTBEAT = "bdlab.heartbeat"  # epoch seconds of the holder's last sign of life
+HOST = "bdlab.host"
+PID = "bdlab.pid"
+STALE = "bdlab.stale"  # why a dead claim was ended
+
+
+# --- metric names ----------------------------------------------------------------------------------
+# A trial's metrics (trials.run: the report half at the top, "val" and "before" inside) are stored
+# flat: `acc` (report half), `val_acc` (validation half), `before_acc` (the backdoored model), plus
+# the trial's own numbers (`seconds`, a defense's findings are not metrics). Every metric of
+# `trials.metrics` (`defense_metric_keys`: the registered ones and a defense's `der`) flows through
+# here to MLflow, the Parquet table and the summaries.
+
+
+def finite_numbers(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a flat mapping (None, booleans, NaN and non-numbers dropped)."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float) and math.isfinite(float(value)):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def flat_trial_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = finite_numbers({k: v for k, v in metrics.items() if k not in ("val", "before", "findings")})
+    out.update(finite_numbers(metrics.get("val", {}), "val_"))
+    if "before" in metrics:
+        out.update(finite_numbers({k: v for k, v in metrics["before"].items() if k != "val"}, "before_"))
+    return out
+
+
+def metric_columns() -> list[str]:
+    """The stored names of every metric of a defense trial (the registered metrics, then the
+    defense-only ones such as `der`): report half, then validation half."""
+    from trials.metrics import defense_metric_keys
+
+    keys = defense_metric_keys()
+    return [*keys, *(f"val_{k}" for k in keys)]
