@@ -46,8 +46,8 @@ def test_wanet_implants_a_visible_warp(quality_runs):
     # of a pixel). Without noise mode, it implants on every seed and CPU measured (ASR 0.944-1.000,
     # seeds 0 / 1, native and default). With noise mode (the default), the 30-epoch digits recipe is
     # bimodal: the warp is learned or not (ASR 0.160, 0.241 native; 0.864, 0.272 default), so that
-    # case is reported (README), not asserted. That the warp is stamped after the random crop, as the
-    # official code does, is tested on the batch hook (tests/test_attacks_extra.py): without noise
+    # case is reported (README), not asserted. That the warp is stamped after the random crop (the
+    # official code warps first: docs/attacks/wanet.md), is tested on the batch hook (tests/test_attacks_extra.py): without noise
     # mode, a warp stamped before the crop implants as well (ASR 0.994), so this test cannot tell.
     m = quality_runs.metrics("wanet_s4_no_noise")
     assert m["asr"] >= 0.7, m

@@ -80,7 +80,9 @@ def test_fp_run_keeps_pruned_columns_zero_through_fine_tuning():
 
 @pytest.mark.quality
 def test_fp_prunes_within_its_budget_on_digits_badnets(quality_runs):
-    # pruning alone (no fine-tuning): /work/bd_badnets2, the same recipe, pruned 46 of 128 channels,
+    # pruning alone (no fine-tuning), digits / mini_resnet BadNets of the same recipe (`bdlab attack
+    # --dataset digits --model mini_resnet --attack badnets --param size=3 --param target=0`;
+    # docs/defenses/fp.md): pruned 46 of 128 channels,
     # clean ACC on the 57 defender images 1.000 -> 0.930, validation ASR 1.000 -> 0.056; seeds 0 / 1,
     # native and default: 44-54 channels, validation ASR 0.000-0.191
     run = quality_runs.run("fp_prune_only")

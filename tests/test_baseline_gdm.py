@@ -128,7 +128,9 @@ def runs(quality_runs):
 @pytest.mark.quality
 def test_gdm_short_run_with_known_target_erases_badnets(runs):
     # cheaper than the cpu preset (~200 s here): known target, one generator, 3 search epochs, 5
-    # retraining epochs; the cpu preset's figures on /work/bd_badnets2 are in the preset file. Seeds
+    # retraining epochs; the cpu preset's figures (digits / mini_resnet BadNets, `bdlab attack
+    # --dataset digits --model mini_resnet --attack badnets --param size=3 --param target=0`) are in
+    # the preset file and docs/defenses/gdm.md. Seeds
     # 0 / 1, native and default: ASR 0.000-0.037, ACC drop 0.033-0.039: one seed runs
     m = runs.metrics("gdm_short")
     assert m["findings"]["target"] == 0 and not m["findings"]["target_detected"]

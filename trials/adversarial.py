@@ -1,8 +1,9 @@
 """Projected gradient descent in pixel space, shared by the defenses that fine-tune adversarially.
 
 Untargeted L-infinity PGD on cross-entropy with the given labels, as in PBE/AFT's code
-(algorithms.md 5.2): sign-gradient ascent with step `alpha`, projection onto the eps-ball around x,
-no random start unless asked, and no clamping to [0, 1] unless asked (the PBE code does not clamp).
+(docs/defenses/pbe.md, "Algorithm"): sign-gradient ascent with step `alpha`, projection onto the
+eps-ball around x, no random start unless asked, and no clamping to [0, 1] unless asked (the PBE
+code does not clamp).
 The model is put in eval mode for the attack and restored to its previous mode afterwards.
 """
 

@@ -18,6 +18,16 @@ def _registries() -> dict:
     return regs, SplitParams
 
 
+def doc_page(family: str, name: str, obj: object) -> str | None:
+    """The page of the project's documentation that describes a built-in component (a plugin's
+    components have none): one page per attack and per defense, one page per family otherwise."""
+    if not getattr(obj, "__module__", "").startswith("trials."):
+        return None
+    if family in ("attacks", "defenses"):
+        return f"docs/{family}/{name}.md"
+    return f"docs/{family}.md"
+
+
 def families() -> list[str]:
     return ["datasets", "models", "attacks", "defenses"]
 
@@ -33,6 +43,9 @@ def format_family(family: str) -> str:
         own = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
         doc = inspect.cleandoc(own or sys.modules[obj.__module__].__doc__ or "")
         lines.append(f"  {name}" + (f"  - {doc.splitlines()[0]}" if doc else ""))
+        page = doc_page(family, name, obj)
+        if page:
+            lines.append(f"      (docs: {page})")
         params_cls = getattr(obj, "Params", None)
         rows = describe(params_cls) if params_cls is not None else []
         if family == "datasets":

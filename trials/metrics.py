@@ -1,5 +1,6 @@
-"""Evaluation: ACC, ASR (three definitions), RA, amplified ASR, DER and activation change
-(algorithms.md 7 and 9).
+"""Evaluation: ACC, ASR (three definitions), RA, amplified ASR, DER and activation change.
+
+The definitions, and the paper or code each one follows, are documented in docs/metrics.md.
 
 With f the evaluated model, f_bd the backdoored (attacked) model, t(y) the backdoor's target for true
 class y, Delta the trigger, and "attacked" the non-target test images (all images for all-to-all):
@@ -24,7 +25,7 @@ device, exactly as a trigger pasted on an image file would be stored. A defense'
 backdoored model's clean predictions (`with_backdoored`), which asr_paper conditions on.
 
 Every metric comes from IEEE float32 forward passes (`logits`: no autocast, no TF32), whatever
-precision the trial trained in (issue 12: bf16 rounding must not move ACC or ASR).
+precision the trial trained in (bf16 rounding must not move ACC or ASR: docs/performance.md).
 """
 
 from __future__ import annotations

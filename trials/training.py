@@ -30,7 +30,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    """How a classifier is trained. Defaults: the DHBE paper's appendix recipe (algorithms.md 6)."""
+    """How a classifier is trained. Defaults: the DHBE paper's appendix recipe (docs/evaluation.md)."""
 
     epochs: int = param(200, "training epochs", low=1)
     batch_size: int = param(128, "batch size", low=1)

@@ -3,7 +3,7 @@ searcher, so every cell's trials share one scheduler, one resource pool and one 
 
 Why a searcher of our own rather than `OptunaSearch`: Tune takes one searcher per run, and
 OptunaSearch drives one study. `CellSearcher` keeps one persistent study per cell
-(platform-notes 2.4's ask/tell, with Tune as the executor) and decides which cell the next free
+(Optuna's ask/tell interface, with Tune as the executor) and decides which cell the next free
 slot serves, round-robin, so the studies progress together and each sampler sees its cell's
 results as they come in.
 

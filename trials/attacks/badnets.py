@@ -1,4 +1,4 @@
-"""BadNets (Gu et al. 2017): a small patch in a corner, dirty label (algorithms.md 6.1).
+"""BadNets (Gu et al. 2017): a small patch in a corner, dirty label.
 
 Default: BackdoorBench's 3x3 pattern [[0,0,1],[0,1,0],[1,0,1]] at the bottom-right corner, 10 % of
 the training set poisoned (target-class images included), target 0.
@@ -9,6 +9,8 @@ The DHBE code's triggers by name: `pattern=tri1 size=K` is its `tri1_KxK`, `patt
 size (the code's default model is tri1_3x3). The older `pattern=dhbe` is tri1_3x3 enlarged by nearest
 neighbour: equal to `tri1` at size 3 only (its size 5 is not the code's tri1_5x5); `checkerboard` is
 tri2's phase at any size. Both are kept so that existing specs and cached models stay valid.
+
+Every pattern, its source and the measured figures: docs/attacks/badnets.md.
 """
 
 from __future__ import annotations

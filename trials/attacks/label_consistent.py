@@ -1,4 +1,4 @@
-"""Label-consistent backdoor (Turner et al. 2019), clean label (algorithms.md 6.4).
+"""Label-consistent backdoor (Turner et al. 2019), clean label.
 
 Variant implemented: a seeded `target_ratio` of the target class's training images (BackdoorBench:
 50 %) keep their label; each is first made hard to classify from its natural features by an
@@ -22,6 +22,8 @@ features and never needs the trigger. Turner's premise needs a robust surrogate.
 
 `patch_amplitude` < 1 stamps the training trigger at reduced amplitude, x + a (p - x) (Turner's
 less visible variant); the test trigger always uses full amplitude.
+
+Parameters, their sources and the measured figures: docs/attacks/label_consistent.md.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Patterns (values in [0, 1], the same on every channel; `make_pattern(name, size)
   neighbour to other sizes. `dhbe` is tri1_3x3, so it equals tri1 at size 3 only: `dhbe` size 5 is
   tri1_3x3 with every pixel repeated (a 5x5 nearest-neighbour enlargement), not the code's tri1_5x5.
 
-The amplified presets of algorithms.md 2.6 paste the same patch several times: `x4` at the four
-corners, `x5` at the corners plus the centre (the DHBE code's `AmplifiedTrigger`), and `x9` on the
-3x3 grid of corners, edge midpoints and centre (the DHBE paper's Table 6).
+The amplified presets paste the same patch several times: `x4` at the four corners, `x5` at the
+corners plus the centre (the DHBE code's `AmplifiedTrigger`), and `x9` on the 3x3 grid of corners,
+edge midpoints and centre (the DHBE paper's Table 6); see docs/attacks/badnets.md and docs/metrics.md.
 """
 
 from __future__ import annotations

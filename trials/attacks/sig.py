@@ -1,8 +1,8 @@
 """SIG (Barni et al. 2019): a horizontal sinusoid added to target-class images, clean label.
 
 v(i, j) = delta * sin(2 pi j f / m) on the 0-255 scale (m = image width; f = cycles per image, as
-in Barni's formula, not DHBE's period-in-pixels reading, algorithms.md 2.9), the same on every row
-and channel; x' = clip(x + v). Only target-class training images are poisoned, and they keep their
+in Barni's formula, not the DHBE code's period-in-pixels reading: docs/attacks/sig.md), the same
+on every row and channel; x' = clip(x + v). Only target-class training images are poisoned, and they keep their
 label: `target_ratio` is relative to the target class (BackdoorBench: 80 %).
 """
 

@@ -1,4 +1,4 @@
-"""Trojaning attack (Liu et al., NDSS 2018), the platform variant of algorithms.md 6.5 and 9.
+"""Trojaning attack (Liu et al., NDSS 2018), the platform's variant.
 
 Variant implemented (data access assumed, as NAD and BackdoorBench do; DHBE's paper: "10 neurons
 of one inner layer, trigger reverse-engineered to maximize them, then only the following layer
@@ -28,6 +28,8 @@ the chosen channels' mean activation is 0.515 with a gray square, 0.536 / 0.539 
 as "maximize", as in Liu's paper. `layer3` is the default stage: retraining `layer4` + head can still implant the
 backdoor while the clean features of the first three stages are kept; retraining only the head (the
 literal "following layer" of `layer4`) is too weak a change for a ResNet.
+
+Parameters, their sources and the measured figures: docs/attacks/trojannn.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible smooth warp as the trigger (algorithms.md 6.6).
+"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible smooth warp as the trigger.
 
 Warping field, as in the official code: a uniform [-1, 1] tensor of shape 1x2xkxk divided by its
 mean |.|, upsampled bicubically to HxW; grid = clamp((identity + s * noise / H) * grid_rescale,
@@ -8,10 +8,10 @@ own warp, as every run of the official code does.
 
 Variant implemented: poisoning is BackdoorBench-style, a fixed seeded `ratio` of the training set
 relabeled once, instead of the official code's "first 10 % of every batch" drawn afresh; the budget
-in expectation is the same. As in the official code, the warp is applied to those images after
-each batch's random crop (`stamps_after_augmentation`): warping before the crop would shift the
-field by a few pixels against the test-time one, and the model would not learn it (on digits with
-crop pad 2: ASR 0.05). The stored poisoned set holds the warped images, for the record.
+in expectation is the same. The warp is applied to those images after each batch's random crop
+(`stamps_after_augmentation`), where the official code warps first and then crops, rotates and
+flips the warped batch: warping before the crop shifts the field by a few pixels against the
+test-time one, and on digits the model did not learn it (crop pad 2: ASR 0.05). The stored poisoned set holds the warped images, for the record.
 
 Noise ("cross") mode: in every training batch (after augmentation), `cross_ratio` times as many
 non-poisoned images as the batch's expected poisoned count are warped with the grid plus
@@ -20,6 +20,7 @@ rather than any warp (official code: the images after the poisoned ones in the b
 
 WaNet is known to need a long schedule (official: 1,000 epochs; BCU: 200) because the warp moves
 pixels by a fraction of a pixel (s = 0.5 on 32x32 inputs: about 0.25 px on average).
+Parameters, their sources and the measured figures: docs/attacks/wanet.md.
 """
 
 from __future__ import annotations

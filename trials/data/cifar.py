@@ -55,7 +55,7 @@ class _TorchvisionCifar(Dataset):
 @register_dataset("cifar10")
 class Cifar10(_TorchvisionCifar):
     folder = "cifar-10-batches-py"
-    # BackdoorBench / BCU statistics (algorithms.md 1.2)
+    # BackdoorBench / BCU statistics (docs/datasets.md)
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.247, 0.243, 0.261)
 

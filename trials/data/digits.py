@@ -1,6 +1,6 @@
 """scikit-learn's bundled handwritten digits: the embedded default dataset, no download.
 
-1,797 grayscale 8x8 images (16 gray levels) of the digits 0-9, upsampled to 32x32 and repeated on
+1,797 grayscale 8x8 images (17 gray levels, 0-16) of the digits 0-9, upsampled to 32x32 and repeated on
 three channels, so every CIFAR-sized model and trigger applies unchanged. A fixed, seeded,
 stratified 80/20 split gives 1,437 training and 360 test images.
 """

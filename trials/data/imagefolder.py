@@ -1,6 +1,7 @@
 """Any `root/train/<class>/*` and `root/test/<class>/*` tree of image files.
 
-For Tiny-ImageNet, Mini-ImageNet, VGGFace2 subsets, or the CIFAR-10 JPEG copy in ../shared/data.
+For Tiny-ImageNet, Mini-ImageNet, VGGFace2 subsets, or CIFAR-10 stored as JPEG files
+(docs/datasets.md).
 Class indices follow the sorted class-folder names of `train/`; `test/` may not name other classes.
 Decoded arrays are cached (keyed by the tree's file list, sizes and mtimes) so a second load of a
 60,000-image tree takes about a second instead of a minute.

@@ -1,11 +1,13 @@
-"""Adversarial fine-tuning, the step shared by PBE and AFT (Mu et al., CVPR 2023; algorithms.md 5.2).
+"""Adversarial fine-tuning, the step shared by PBE and AFT (Mu et al., CVPR 2023; docs/defenses/pbe.md).
 
 Per batch: augment on the device (random crop with padding 5 applied with p 0.8, rotation within
 +-10 degrees with p 0.5, horizontal flip with p 0.5 where the dataset allows: the code's kornia
-pipeline); if the batch is adversarial, replace it by untargeted PGD examples against the batch
-labels (model in eval mode for the attack; eps 6/255, 7 steps of eps/5, no random start, no
-clamping); then one SGD step on cross-entropy with the model in train mode. The learning rate is
-constant (the code creates a scheduler and never steps it).
+pipeline, except that each image draws its own coins, where the code draws the crop and rotation
+coins once per batch; docs/defenses/pbe.md, "Differences from the official code"); if the batch is
+adversarial, replace it by untargeted PGD examples against the batch labels (model in eval mode for
+the attack; eps 6/255, 7 steps of eps/5, no random start, no clamping); then one SGD step on
+cross-entropy with the model in train mode. The learning rate is constant (the code creates a
+scheduler and never steps it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AFT: adversarial fine-tuning on a clean labeled set (Mu et al., CVPR 2023; algorithms.md 5.2).
+"""AFT: adversarial fine-tuning on a clean labeled set (Mu et al., CVPR 2023; docs/defenses/aft.md).
 
 The clean set comes from the training split's held-out part (`data_fraction` / `data_count`; the
 code used the whole CIFAR-10 training set, the paper a small clean set). 20 epochs, the first 3

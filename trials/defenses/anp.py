@@ -32,6 +32,8 @@ Choices and official-code pitfalls not reproduced:
   model's statistics, exactly as the code reloads the original checkpoint before pruning.
 - Data: BackdoorBench's 5 % of the training split (the code: 1 % of CIFAR-10's training set);
   batch 128 as the code (BackdoorBench 256).
+
+Documentation: docs/defenses/anp.md.
 """
 
 from __future__ import annotations

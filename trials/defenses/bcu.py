@@ -1,15 +1,17 @@
-"""BCU: Backdoor Cleansing with Unlabeled data (Pang et al., CVPR 2023), algorithms.md 3.
+"""BCU: Backdoor Cleansing with Unlabeled data (Pang et al., CVPR 2023).
 
 1. Partial re-initialization: a fresh model f_R of the same architecture; every conv and linear
    weight and bias of the student gets, elementwise with probability p of its stage, f_R's value:
    W_S = m * W_T + (1 - m) * W_R, m ~ Bernoulli(1 - p), no rescaling. BN parameters and statistics
    are kept. Stages come from the model's declared stages (stem, layer1..4, head), never from
    parameter names (the official code's name matching mis-groups PreAct's `linear` and
-   torchvision's `downsample.1`, algorithms.md 3.7).
+   torchvision's `downsample.1`: docs/defenses/bcu.md#differences-from-the-official-code).
 2. Distillation on unlabeled images, teacher f_T in eval mode, student in train mode:
    loss = KL(softmax(f_T(x)/T_e) || softmax(f_S(x)/T_e)), batchmean, no T^2 factor, with the rising
    temperature T_e = 1 + (T_max - 1)(e + 1)/E; SGD with cosine LR over the epochs.
 Returns the student after the last epoch.
+
+Documentation: docs/defenses/bcu.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), data-free (algorithms.md 4).
+"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), data-free (docs/defenses/clp.md).
 
 For each (conv, BN) pair the model declares (never guessed from module order: PreAct-ResNet breaks
-the "conv followed by its BN" guess of the official code, algorithms.md 4.6), the upper bound of
-each output channel's Lipschitz constant is
+the "conv followed by its BN" guess of the official code; docs/defenses/clp.md, "Differences from
+the official code"), the upper bound of each output channel's Lipschitz constant is
 
     UCLC_c = ||W_c||_2 * |gamma_c| / sqrt(var_c)
 

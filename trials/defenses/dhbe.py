@@ -1,4 +1,4 @@
-"""DHBE: Data-free Holistic Backdoor Erasing (Yan et al., AsiaCCS 2023), code-faithful (algorithms.md 2).
+"""DHBE: Data-free Holistic Backdoor Erasing (Yan et al., AsiaCCS 2023), code-faithful.
 
 No data: a student S, initialized from the backdoored teacher T, is distilled from T on synthetic
 images v = G(z) that a sample generator G makes adversarially (maximizing |S(v) - T(v)|), while an
@@ -24,6 +24,8 @@ With `lam=0` the method is DFAD (the ablation; the official `DFAD_train.py`): Gp
 the losses nor trained, no patched batch is drawn and S sees 1 pass per student step, and the TV2
 weight defaults to DFAD_train.py's 0 instead of DHBE_train.py's 1e-4 (`tv2_weight` left unset; an
 explicit value is kept, e.g. `lam=0 tv2_weight=1e-4` isolates the regularizer alone).
+
+Documentation: docs/defenses/dhbe.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DHBE's two generators (algorithms.md 2.2; official `gan.py`, written anew here).
+"""DHBE's two generators (docs/defenses/dhbe.md; official `gan.py`, written anew here).
 
 - `SampleGenerator` (the paper's G, code `GeneratorB`, DFAD's "GeneratorA"): z -> a synthetic image
   that is already in the classifier's *normalized* space (it ends with BatchNorm2d(C, affine=False)).

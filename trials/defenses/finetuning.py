@@ -1,6 +1,6 @@
 """Clean fine-tuning: the loop shared by the label-using baselines (FT, FP, NAD, NC, GDM, MCR).
 
-The DHBE paper's protocol for them (algorithms.md 9), which is what the erasers are compared with:
+The DHBE paper's protocol for them (docs/defenses/ft.md), which is what the erasers are compared with:
 the defender's clean labeled images (4 % of the training split), repeated up to 2,000 samples per
 epoch when fewer; batch 64; SGD lr 0.01, momentum 0.9, weight decay 5e-4; 20 epochs; the learning
 rate x0.1 at epochs 10 and 15; random crop (padding 4) and horizontal flip where the dataset allows.
@@ -11,6 +11,8 @@ A defense changes the loop only through three hooks, so each reads as its paper'
 - `loss_fn(model, x, y) -> (logits, loss)` replaces plain cross-entropy (NAD adds attention transfer
   from the same forward pass);
 - `after_step(model)` restores a constraint after each optimizer step (FP's pruned channels).
+
+Documentation: docs/defenses/ft.md.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ Official-code pitfalls not reproduced:
   the counted channels.
 - BackdoorBench measures activations on augmented images; the released Caffe script on the test
   set with a fixed 80 % of the channels. Here: the defender's images as they are.
+
+Documentation: docs/defenses/fp.md.
 """
 
 from __future__ import annotations

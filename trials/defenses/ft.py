@@ -1,7 +1,7 @@
 """FT: fine-tuning on the defender's clean labeled images (the DHBE paper's "Finetuning" baseline).
 
 1. Take the backdoored model as it is (all layers trainable, train mode).
-2. Minimize cross-entropy on the clean images with the DHBE protocol (algorithms.md 9), which is
+2. Minimize cross-entropy on the clean images with the DHBE protocol (docs/defenses/ft.md), which is
    the shared loop of trials/defenses/finetuning.py: 4 % of the training split, repeated up to
    2,000 samples per epoch; batch 64; SGD lr 0.01, momentum 0.9, weight decay 5e-4; 20 epochs; the
    learning rate x0.1 at epochs 10 and 15; random crop (padding 4) and flip where allowed.
@@ -10,6 +10,8 @@
 BackdoorBench's FT differs only in its schedule (5 % data, batch 256, 100 epochs, cosine over a
 hard-coded T_max of 100); the DHBE protocol is kept because it is what the erasers are compared
 with. FT is also the first phase of FP and NAD's teacher: they call the same loop.
+
+Documentation: docs/defenses/ft.md.
 """
 
 from __future__ import annotations

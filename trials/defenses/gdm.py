@@ -37,6 +37,8 @@ Choices and official-code pitfalls not reproduced:
 - Random locations cover every position 0..H-k (the repository's int(rand * (H - k)) never reaches
   the last row and column, so a bottom-right trigger is never pasted exactly where it was planted).
 - The search noise is added to the trigger before pasting and not clipped, as in the repository.
+
+Documentation: docs/defenses/gdm.md.
 """
 
 from __future__ import annotations

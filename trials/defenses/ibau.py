@@ -34,6 +34,8 @@ Choices and official-code pitfalls:
   [0, 1]; delta projected into the L2 ball of radius 10); both are off by default.
 - Everything runs in float32 without autocast: BackdoorBench's `amp: True` is ignored by its loop,
   and the second-order terms are what the method is about.
+
+Documentation: docs/defenses/ibau.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """No defense: the backdoored model as it is.
 
 The reference row of a sweep (what every defense is compared with, measured by the same trial code
-on the same halves), and the trivial trial of the platform-overhead benchmark
-(`benchmarks/sweep_overhead.py`).
+on the same halves), and the one registered defense that declares `changes_model = False` (the
+defense contract checks that every other one changes the weights). See docs/defenses/identity.md.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ Choices and official-code pitfalls:
 - BN statistics are re-estimated from scratch on the un-augmented clean images (the code: its
   augmented training loader; BackdoorBench: one pass with momentum 0.1 and no reset, which keeps
   ~12 % of the backdoored statistics).
+
+Documentation: docs/defenses/mcr.md.
 """
 
 from __future__ import annotations

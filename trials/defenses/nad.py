@@ -27,6 +27,8 @@ Official-code pitfalls not reproduced:
   one student forward per batch (stage_outputs returns the logits with the stage outputs).
 - Official NAD's schedule (lr 0.1 for 2 epochs, then 0.01, nesterov, Cutout) is replaced by the
   DHBE protocol, which is what the comparison uses; the attention maps are computed in float32.
+
+Documentation: docs/defenses/nad.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@
 3. Detection (`mad_outlier_detection.py`): median and MAD = 1.4826 * median |L1 - median| of the
    masks' L1 norms; anomaly index = |L1 - median| / MAD; a label is flagged when its L1 is below the
    median and its index exceeds 2.
-4. Unlearning (DHBE protocol, algorithms.md 9; the NC repository ships none): the shared clean
+4. Unlearning (DHBE protocol, docs/defenses/nc.md; the NC repository ships none): the shared clean
    fine-tuning loop (trials/defenses/finetuning.py) with 20 % of every batch stamped with the
    recovered trigger of a flagged label (one drawn per image when several are flagged), true
    labels kept.
@@ -31,6 +31,8 @@ Choices and official-code pitfalls not reproduced:
 - When no label is flagged the model is returned unchanged (NC's pipeline and BackdoorBench: the
   defender believes the model clean); `unlearn_when_undetected=True` unlearns instead with the
   trigger of the label with the smallest norm (what a comparison that always mitigates would do).
+
+Documentation: docs/defenses/nc.md.
 """
 
 from __future__ import annotations

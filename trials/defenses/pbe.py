@@ -1,4 +1,4 @@
-"""PBE: Progressive Backdoor Erasing (Mu et al., CVPR 2023), algorithms.md 5.3.
+"""PBE: Progressive Backdoor Erasing (Mu et al., CVPR 2023), docs/defenses/pbe.md.
 
 Uses the labeled, possibly poisoned training set and no clean data:
 

@@ -3,8 +3,8 @@
 Blocks run BN -> ReLU -> conv; the projection shortcut is a 1x1 conv without BN. Only `conv1` of a
 block is followed by a BN that normalizes exactly its output (the block's `bn2`); `bn1` normalizes a
 residual sum, so it pairs with no single conv. `conv_bn_pairs` therefore lists (conv1, bn2) only,
-the restriction algorithms.md 4.6 recommends for CLP. The stem is a bare conv; the body ends with
-BN + ReLU before pooling.
+the restriction CLP needs on this architecture (docs/models.md, docs/defenses/clp.md). The stem is
+a bare conv; the body ends with BN + ReLU before pooling.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""ResNet-18/34 (CIFAR variant, algorithms.md 1.1) and mini_resnet, ResNet-18's topology at width 16.
+"""ResNet-18/34 (CIFAR variant) and mini_resnet, ResNet-18's topology at width 16.
 
 Stem: 3x3 conv (stride 1; stride 2 for inputs of 64 px or more) + BN + ReLU, no max-pool. Four
 stages of BasicBlocks with strides 1/2/2/2 and a 1x1 conv + BN projection shortcut whenever the
-stride or width changes; global average pooling; linear head.
+stride or width changes; global average pooling; linear head. See docs/models.md.
 """
 
 from __future__ import annotations
