@@ -270,7 +270,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _format_sweep_settings() -> str:
     """The sweep-wide settings of a spec (sampler:, resources:, failure:) with defaults and ranges."""
-    from bdlab.spec import FailurePolicy, SamplerSettings, TrialResources
+    from bdlab.spec import FailurePolicy, SamplerSettings, StudyDesign, TrialResources
     from trials.listing import format_params
     from trials.params import describe
 
@@ -280,6 +280,7 @@ def _format_sweep_settings() -> str:
         ("resources.attack", TrialResources),
         ("resources.defense", TrialResources),
         ("failure", FailurePolicy),
+        ("defenses[].study (a study cell, docs/spec.md \"Studies\")", StudyDesign),
     ):
         lines.append(f"  {key}")
         lines.extend(format_params(describe(cls)))

@@ -56,6 +56,11 @@ def table_schema() -> pa.Schema:
             ("defense", pa.string()),
             ("cell", pa.string()),
             ("cache_key", pa.string()),
+            ("design", pa.string()),  # a study trial's design (sobol | grid); null for a search trial
+            ("configuration", pa.int32()),  # its configuration (0: the default); null for a search trial
+            ("defense_seed", pa.int64()),  # its defense seed; null for a search trial
+            ("data_fraction", pa.float64()),  # its clean-data budget, when the study sets budgets
+            ("data_subset", pa.int32()),  # its held-out subset; null for a search trial
             ("params", pa.string()),  # JSON object: every parameter override the trial ran with
             ("status", pa.string()),  # complete | failed | running
             ("failure", pa.string()),
@@ -94,6 +99,11 @@ def trial_rows(tracker: Tracker, sweep: str) -> list[dict[str, Any]]:
             "defense": tags.get(schema.DEFENSE),
             "cell": tags.get(schema.CELL),
             "cache_key": tags.get(schema.CACHE_KEY),
+            "design": tags.get(schema.DESIGN),
+            "configuration": _int_tag(tags, schema.CONFIGURATION),
+            "defense_seed": _int_tag(tags, schema.DEFENSE_SEED),
+            "data_fraction": float(tags[schema.DATA_FRACTION]) if schema.DATA_FRACTION in tags else None,
+            "data_subset": _int_tag(tags, schema.DATA_SUBSET),
             "params": json.dumps({k: v for k, v in sorted(r.params.items()) if k != "defense"}),
             "status": tags.get(schema.STATUS, r.status.lower()),
             "failure": tags.get(schema.FAILURE),
@@ -109,6 +119,10 @@ def trial_rows(tracker: Tracker, sweep: str) -> list[dict[str, Any]]:
         rows.append(row)
     rows.sort(key=lambda x: (x["generation"], x["study"] or "", x["trial"]))
     return rows
+
+
+def _int_tag(tags: dict[str, str], key: str) -> int | None:
+    return int(tags[key]) if key in tags else None
 
 
 def export(tracker: Tracker, sweep: str, out: str | Path) -> Path:

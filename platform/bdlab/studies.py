@@ -11,6 +11,11 @@ The studies are the sweep's memory (nothing is read back from Tune's own experim
 a pickle): a re-run opens them again; COMPLETE and FAIL trials are kept, trials left RUNNING by a
 killed driver are run again under their own number (resuming from their checkpoint), and only the
 remaining budget is asked for.
+
+A study cell (a defense entry with `study:`, bdlab.designs) is driven the same way: its budget is
+its points, and its k-th trial is point k, enqueued with its configuration's values (so Optuna
+records them as the trial's params) and its design attributes; a re-run asks only the points it has
+not asked yet.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from trials.device import derive_seed
 
 DEFAULT_ATTR = "bdlab.default"  # user attribute: the cell's default configuration
 PARAMS_ATTR = "bdlab.params"  # user attribute: the full parameter overrides the trial ran with
+POINT_ATTR = "bdlab.point"  # user attribute of a study trial: its design point (JSON, see Pending.point)
 DIRECTION = {"max": "maximize", "min": "minimize"}
 
 
@@ -85,6 +91,8 @@ class Pending:
     params: dict[str, Any]
     default: bool
     resumed: bool = False  # left RUNNING by an earlier driver
+    # a study trial's design point: design, configuration, defense_seed, data_fraction, data_subset
+    point: dict[str, Any] | None = None
 
 
 @dataclass
@@ -94,6 +102,7 @@ class CellState:
     budget: int
     asked: int = 0  # trials of this cell in the study (any state)
     resume: list[Pending] = field(default_factory=list)  # left RUNNING by an earlier driver
+    points: list[Any] = field(default_factory=list)  # a study cell's design points (bdlab.designs)
 
 
 class CellSearcher(Searcher):
@@ -111,6 +120,13 @@ class CellSearcher(Searcher):
         self.states: list[CellState] = []
         for i, (cell, study) in enumerate(zip(cells, studies, strict=True)):
             state = CellState(cell, study, cell.defense.trials)
+            if cell.defense.study is not None:
+                from bdlab.designs import study_points
+
+                state.points = study_points(
+                    cell.defense.space, cell.defense.study, spec.sampler.seed, cell.label
+                )
+                state.budget = len(state.points)
             for t in study.get_trials(deepcopy=False):
                 state.asked += 1
                 if t.state == TrialState.RUNNING:
@@ -121,6 +137,7 @@ class CellSearcher(Searcher):
                             json.loads(t.user_attrs[PARAMS_ATTR]),
                             bool(t.user_attrs.get(DEFAULT_ATTR)),
                             resumed=True,
+                            point=json.loads(t.user_attrs[POINT_ATTR]) if POINT_ATTR in t.user_attrs else None,
                         )
                     )
             self.states.append(state)
@@ -157,6 +174,8 @@ class CellSearcher(Searcher):
 
     def _ask(self, i: int) -> Pending:
         s = self.states[i]
+        if s.points:
+            return self._ask_point(i)
         cell = s.cell
         first = s.asked == 0  # the defender's configuration (paper defaults or the named preset)
         if first:
@@ -172,6 +191,33 @@ class CellSearcher(Searcher):
         trial.set_user_attr(PARAMS_ATTR, json.dumps(params, sort_keys=True))
         s.asked += 1
         return Pending(i, trial.number, params, first)
+
+    def _ask_point(self, i: int) -> Pending:
+        """The next design point of a study cell, as an enqueued (not sampled) trial."""
+        s = self.states[i]
+        cell = s.cell
+        p = s.points[s.asked]
+        default = p.values is None
+        point = {
+            "design": cell.defense.study.design,
+            "configuration": p.configuration,
+            "defense_seed": p.seed,
+            "data_fraction": p.budget,
+            "data_subset": p.subset,
+        }
+        values = default_in_space(cell) if default else encode(cell.defense.space, p.values)
+        attrs = {POINT_ATTR: json.dumps(point, sort_keys=True), **({DEFAULT_ATTR: True} if default else {})}
+        s.study.enqueue_trial(values, user_attrs=attrs)
+        trial = s.study.ask()
+        recorded = suggest(trial, {k: v for k, v in cell.defense.space.items() if k in values})
+        params = cell.defense.default_params() if default else {**cell.defense.default_params(), **recorded}
+        if p.budget is not None:
+            params["data_fraction"] = p.budget
+            if params.get("data_count") is not None:
+                params["data_count"] = None  # the budget is a fraction; a count would override it
+        trial.set_user_attr(PARAMS_ATTR, json.dumps(params, sort_keys=True))
+        s.asked += 1
+        return Pending(i, trial.number, params, default, point=point)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.live:

@@ -234,6 +234,7 @@ def _run_config(run: SweepRun, phase: str, progress: Any) -> Any:
 
 
 def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
+    from bdlab.designs import subset_seed
     from bdlab.studies import CellSearcher, open_study, study_name
     from bdlab.worker import open_trial_run
 
@@ -249,6 +250,17 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
 
     def describe_trial(i: int, pending: Any) -> DefenseTrialConfig:
         cell: DefenseCell = cells[i]
+        point = pending.point  # a study trial's design point (None: a search trial)
+        design_tags: dict[str, str] = {}
+        if point is not None:
+            design_tags = {
+                schema.DESIGN: str(point["design"]),
+                schema.CONFIGURATION: str(point["configuration"]),
+                schema.DEFENSE_SEED: str(point["defense_seed"]),
+                schema.DATA_SUBSET: str(point["data_subset"]),
+            }
+            if point.get("data_fraction") is not None:
+                design_tags[schema.DATA_FRACTION] = str(point["data_fraction"])
         checkpoints = (
             store.results / "checkpoints" / names[i].replace(":", "_").replace("/", "_") / str(pending.number)
         )
@@ -267,7 +279,8 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
             experiment_id=run.experiment_id,
             parent_run_id=run.parent_run_id,
             objectives=list(spec.objectives),
-            seed=cell.attack.seed,
+            seed=cell.attack.seed if point is None else int(point["defense_seed"]),
+            data_seed=None if point is None else subset_seed(cell.attack.seed, int(point["data_subset"])),
             device=spec.device,
             resources=res,
             plugins=list(spec.plugins),
@@ -285,6 +298,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
                 schema.TRIAL: str(pending.number),
                 schema.DEFAULT: str(pending.default).lower(),
                 schema.STATUS: "running",
+                **design_tags,
             },
         )
 

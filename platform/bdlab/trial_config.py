@@ -51,11 +51,13 @@ class DefenseTrialConfig:
     experiment_id: str
     parent_run_id: str
     objectives: list[str]
-    seed: int
+    seed: int  # the defense seed
     device: str
     resources: TrialResources
     tags: dict[str, str]
     plugins: list[str] = field(default_factory=list)
+    # a study trial's held-out subset seed (bdlab.designs.subset_seed); None: drawn from `seed`
+    data_seed: int | None = None
     mlflow_run_id: str | None = None  # opened by the driver as it hands the trial out
     checkpoint_every_s: float = 600.0
 

@@ -190,6 +190,7 @@ def defense_trial(plain: dict[str, Any]) -> None:
             params=dict(config.params),
             preset=None,  # the params already hold the preset's values
             seed=config.seed,
+            data_seed=config.data_seed,
             device=config.device,
             checkpoint_every_s=config.checkpoint_every_s,
         )

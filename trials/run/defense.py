@@ -43,6 +43,9 @@ class DefenseSpec:
     preset: str | None = None
     seed: int = 0
     device: str = "auto"
+    # the seed of the held-out subset the defense gets; None: derived from `seed` (a study draws
+    # its subsets independently of the defense seed, docs/spec.md "Studies")
+    data_seed: int | None = None
     # training under bf16 autocast (CUDA only): None = the defense's declared `precision`, True / False
     # force it on / off (e.g. the bf16-vs-fp32 comparison of a defense that declares fp32)
     amp: bool | None = None
@@ -65,9 +68,12 @@ def resolve_defense(spec: DefenseSpec) -> Defense:
     return make_defense(spec.defense, params)
 
 
-def defense_data(defense: Defense, attacked: AttackedModel, seed: int) -> DefenseData:
+def defense_data(
+    defense: Defense, attacked: AttackedModel, seed: int, data_seed: int | None = None
+) -> DefenseData:
     """Exactly the data the defense declares: held-out images (unlabeled or labeled, a seeded subset
-    of the requested size) or the poisoned training set; never the test split."""
+    of the requested size) or the poisoned training set; never the test split. The subset is drawn
+    with `data_seed` when given, else with a stream derived from the defense seed `seed`."""
     data, kind = attacked.data, defense.data_kind
     common = {"num_classes": data.num_classes, "image_shape": data.image_shape, "flip": data.flip}
     if kind == "none":  # no images; the shapes only (a data-free generator needs the image size)
@@ -85,7 +91,7 @@ def defense_data(defense: Defense, attacked: AttackedModel, seed: int) -> Defens
             f"at most {available} images (the held-out part of the training split; raise the dataset's "
             f"heldout_fraction at attack time for more)",
         )
-    picker = torch.Generator().manual_seed(derive_seed(seed, "defense-data"))
+    picker = torch.Generator().manual_seed(derive_seed(seed, "defense-data") if data_seed is None else data_seed)
     pick = torch.randperm(available, generator=picker)[:count].sort().values
     pick = pick.to(data.heldout_x.device)
     labels = data.heldout_y[pick] if kind == "clean_labeled" else None
@@ -112,7 +118,7 @@ def run_defense(
     # the defense's streams are derived from (seed, defense): independent of the attack's (same seed)
     trial_seed = derive_seed(spec.seed, "defense", spec.defense)
     seed_everything(trial_seed)
-    data = defense_data(defense, attacked, spec.seed)
+    data = defense_data(defense, attacked, spec.seed, spec.data_seed)
     # both halves carry the backdoored model's clean predictions: asr_paper conditions on them
     held = attacked.data
     val_set = with_backdoored(build_eval_set(held.val_x, held.val_y, attacked.attack), attacked.model)
@@ -158,6 +164,7 @@ def run_defense(
             "seed": attacked.spec["seed"],
         },
         "seed": spec.seed,
+        **({"data_seed": spec.data_seed} if spec.data_seed is not None else {}),
         "device": provenance.hardware(device),
         "precision": {"training": precision_name(device, amp), "evaluation": "fp32"},
         "versions": provenance.package_versions(),

@@ -10,6 +10,7 @@ from bdlab.spec.model import (
     FailurePolicy,
     Resources,
     SamplerSettings,
+    StudyDesign,
     SweepSpec,
     TrialResources,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "FailurePolicy",
     "Resources",
     "SamplerSettings",
+    "StudyDesign",
     "SweepSpec",
     "TrialResources",
     "expand_grid",

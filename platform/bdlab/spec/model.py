@@ -17,6 +17,7 @@ from typing import Any, Literal
 from trials.params import as_dict, param, resolve_params
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
+DESIGNS = ("sobol", "grid")
 DIRECTIONS = ("max", "min")
 
 
@@ -55,6 +56,26 @@ class Resources:
 @dataclass(frozen=True)
 class FailurePolicy:
     max_retries: int = param(1, "times a failed trial is retried (Ray's max_failures)", low=0)
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """A defense entry's `study:`: a space-filling design over the defense's space, crossed with
+    defense seeds, clean-data budgets and random subsets of the held-out data (docs/spec.md
+    "Studies"). Every point of the cross product is one ordinary trial of the cell's study."""
+
+    design: Literal["sobol", "grid"] = param("sobol", "sobol (scrambled, seeded Sobol points) or grid")
+    configurations: int = param(8, "configurations of the defense's space, the default one included", low=1)
+    seeds: list[int] = param([0], "defense seeds, each configuration runs with every one", low=0)
+    budgets: list[float] = param(
+        [], "clean-data budgets (data_fraction values; [] = the configuration's own)", low=0.0, high=1.0,
+        low_exclusive=True,
+    )
+    subsets: int = param(1, "random subsets of the held-out data drawn per budget", low=1)
+
+    @property
+    def points_per_configuration(self) -> int:
+        return len(self.seeds) * max(1, len(self.budgets)) * self.subsets
 
 
 # --- cells ----------------------------------------------------------------------------------------------
@@ -141,8 +162,9 @@ class DefenseEntry:
     preset: str | None
     fixed: dict[str, Any]
     space: dict[str, Any]  # param -> bdlab.spaces distribution
-    trials: int  # per defense cell, the default configuration included
+    trials: int  # per defense cell, the default configuration included (a study: its points)
     space_source: str = "inline"  # "default" (the defense's space file), "none" or "inline"
+    study: StudyDesign | None = None  # a study cell (a design over the space) instead of a search
 
     def default_params(self) -> dict[str, Any]:
         """Preset values merged with `fixed`: the full override dict of the default trial (what

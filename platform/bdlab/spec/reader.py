@@ -33,6 +33,7 @@ from bdlab.spec.model import (
     FailurePolicy,
     Resources,
     SamplerSettings,
+    StudyDesign,
     SweepSpec,
     TrialResources,
 )
@@ -58,8 +59,8 @@ TOP_KEYS = (
 REQUIRED_KEYS = ("name", "datasets", "models", "attacks", "defenses")
 DATASET_KEYS = ("name", "params", "root")
 ATTACK_KEYS = ("name", "params")
-DEFENSE_KEYS = ("name", "preset", "fixed", "space", "trials")
-DEFAULTS_KEYS = ("preset", "space", "trials")
+DEFENSE_KEYS = ("name", "preset", "fixed", "space", "trials", "study")
+DEFAULTS_KEYS = ("preset", "space", "trials", "study")
 DEFAULT_OBJECTIVES = {"acc": "max", "asr": "min"}
 DEFAULT_TRIALS = 4
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
@@ -91,6 +92,8 @@ def parse_sweep(data: Any, source: str = "<inline>") -> SweepSpec:
     attacks = _attacks(data["attacks"], at(source, "attacks"))
     cells = _attack_cells(datasets, models, attacks, seeds, training, source)
     defaults = _mapping(data.get("defaults") or {}, at(source, "defaults"), DEFAULTS_KEYS)
+    if "trials" in defaults and "study" in defaults:
+        raise InvalidValue(at(source, "defaults"), "study", "trials (a search) or study, not both")
     defenses = _defenses(data["defenses"], defaults, source)
     return SweepSpec(
         name=name,
@@ -255,15 +258,60 @@ def _defense(
     fixed = _fixed(name, entry.get("fixed") or {}, at(loc, "fixed"))
     space_raw, space_at = setting("space", "default")
     space, space_source = _space(name, space_raw, space_at, fixed, at(loc, "fixed"))
-    trials, trials_at = setting("trials", DEFAULT_TRIALS)
-    _whole(trials, trials_at, 1, " (trials per defense cell, default config included)")
-    if not space:
-        if "trials" in entry and trials > 1:
-            raise InvalidValue(trials_at, trials, "an empty space runs only the default configuration: 1")
-        trials = 1
-    defense = DefenseEntry(name, preset, fixed, space, trials, space_source)
+    if "trials" in entry and "study" in entry:
+        raise InvalidValue(at(loc, "study"), entry["study"], "a defense entry is a search (trials) or a study, not both")
+    study_raw, study_at = setting("study", None)
+    if "trials" in entry:
+        study_raw = None  # the entry's own search wins over a `defaults:` study
+    defense = DefenseEntry(name, preset, fixed, space, 1, space_source)
+    if study_raw is not None:
+        study = _study(defense, study_raw, study_at)
+        from bdlab.designs import configuration_count
+
+        trials = configuration_count(space, study) * study.points_per_configuration
+        defense = dataclasses.replace(defense, trials=trials, study=study)
+    else:
+        trials, trials_at = setting("trials", DEFAULT_TRIALS)
+        _whole(trials, trials_at, 1, " (trials per defense cell, default config included)")
+        if not space:
+            if "trials" in entry and trials > 1:
+                raise InvalidValue(trials_at, trials, "an empty space runs only the default configuration: 1")
+            trials = 1
+        defense = dataclasses.replace(defense, trials=trials)
     _check_default_config(defense, loc)
     return defense
+
+
+def _study(defense: DefenseEntry, raw: Any, where: str) -> StudyDesign:
+    """A `study:` mapping: its keys typed by `StudyDesign`, then what depends on the defense."""
+    from trials.defenses import DEFENSES
+
+    study = _settings(StudyDesign, raw, where)
+    raw = dict(raw)
+    if not defense.space and "configurations" in raw and study.configurations > 1:
+        raise InvalidValue(
+            at(where, "configurations"), study.configurations, "an empty space has only the default configuration: 1"
+        )
+    if not study.seeds:
+        raise InvalidValue(at(where, "seeds"), study.seeds, "at least one defense seed")
+    for key, values in (("seeds", study.seeds), ("budgets", study.budgets)):
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise InvalidValue(at(at(where, key), i), value, "each value may appear once")
+    if study.budgets:
+        kind = DEFENSES.get(defense.name).data_kind
+        if kind not in ("unlabeled", "clean_labeled"):
+            raise InvalidValue(
+                at(where, "budgets"),
+                list(study.budgets),
+                f"defense {defense.name} takes no held-out data ({kind}): budgets apply to defenses that do",
+            )
+        searched = [k for k in ("data_fraction", "data_count") if k in defense.space]
+        if searched:
+            raise InvalidValue(
+                at(where, "budgets"), list(study.budgets), f"{searched[0]} is searched by the space: drop one"
+            )
+    return study
 
 
 def _preset(name: str, preset: Any, where: str) -> str | None:

@@ -58,6 +58,13 @@ STATUS = "bdlab.status"  # running | complete | failed
 FAILURE = "bdlab.failure"  # the reason of a trial that failed for good
 EARLIER_FAILURE = "bdlab.earlier_failure"  # the reason of a failed attempt that a retry completed
 
+# a study trial (a defense entry with `study:`, docs/spec.md "Studies"); absent on search trials
+DESIGN = "bdlab.design"  # sobol | grid
+CONFIGURATION = "bdlab.configuration"  # the configuration's index in the design (0: the default)
+DEFENSE_SEED = "bdlab.defense_seed"  # the defense seed the trial ran with
+DATA_FRACTION = "bdlab.data_fraction"  # the clean-data budget (only when the study sets budgets)
+DATA_SUBSET = "bdlab.data_subset"  # which random subset of the held-out data the trial got
+
 # claims (bdlab.claims): one process does a piece of work
 CLAIM = "bdlab.claim"
 HEARTBEAT = "bdlab.heartbeat"  # epoch seconds of the holder's last sign of life
