@@ -224,6 +224,65 @@ def test_tiny_sweep_records_everything_and_resumes_from_cache(
     assert len(attack_runs(store)) == 2
 
 
+def test_study_cell_runs_its_design_points_records_them_and_resumes(
+    ray_cluster, mlflow_server_uri, tmp_path, plugin_registry, capsys
+):
+    """A study cell (docs/spec.md "Studies"): 2 configurations x 2 defense seeds x 1 budget x 2
+    held-out subsets = 8 ordinary trials, tagged and tabled by their design point; a re-run runs none."""
+    import pyarrow.parquet as pq
+    from bdlab.studies import DEFAULT_ATTR, POINT_ATTR
+    from bdlab.sweep import run_sweep
+    from bdlab.tracking import Store
+
+    defenses = [
+        {
+            "name": "ft",
+            "preset": "smoke",
+            "space": {"lr": {"float": [0.001, 0.05], "log": True}},
+            "study": {"configurations": 2, "seeds": [0, 1], "budgets": [0.02], "subsets": 2},
+        }
+    ]
+    spec = tiny_spec("tiny-study", defenses=defenses, attacks=[{"name": "badnets", "params": {"ratio": 0.2}}])
+    spec_path = write_spec(tmp_path, spec)
+    results = tmp_path / "results"
+    run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
+    store = Store.open(results, mlflow_server_uri)
+
+    children = defense_runs(store, "tiny-study")
+    assert len(children) == 8 and all(r.status == "FINISHED" for r in children)
+    points = {
+        (r.tags["bdlab.configuration"], r.tags["bdlab.defense_seed"], r.tags["bdlab.data_subset"])
+        for r in children
+    }
+    assert points == {(c, s, k) for c in "01" for s in "01" for k in "01"}
+    assert {r.tags["bdlab.design"] for r in children} == {"sobol"}
+    assert {r.tags["bdlab.data_fraction"] for r in children} == {"0.02"}
+    assert {r.params["data_fraction"] for r in children} == {"0.02"}
+    defaults = [r for r in children if r.tags["bdlab.default"] == "true"]
+    assert {r.tags["bdlab.configuration"] for r in defaults} == {"0"} and len(defaults) == 4
+    assert len({r.params["lr"] for r in children if r.tags["bdlab.configuration"] == "1"}) == 1
+
+    table = pq.read_table(results / "tiny-study.parquet").to_pydict()
+    assert sorted(
+        zip(table["configuration"], table["defense_seed"], table["data_subset"], strict=True)
+    ) == sorted((c, s, k) for c in (0, 1) for s in (0, 1) for k in (0, 1))
+    assert set(table["data_fraction"]) == {0.02} and set(table["design"]) == {"sobol"}
+
+    study = optuna.load_study(
+        study_name=optuna.get_all_study_names(store.optuna_url)[0], storage=store.optuna_url
+    )
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 8
+    assert all(POINT_ATTR in t.user_attrs for t in trials)
+    assert [bool(t.user_attrs.get(DEFAULT_ATTR)) for t in trials] == [True] * 4 + [False] * 4
+    capsys.readouterr()
+
+    run_sweep(spec_path, results=results, tracking_uri=mlflow_server_uri, address=ray_cluster)
+    rerun = capsys.readouterr().out
+    assert "[defense] 1 cells, 8 trials kept from earlier runs, 0 to run" in rerun
+    assert len(defense_runs(store, "tiny-study")) == 8
+
+
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path, plugin_registry):
     from bdlab.sweep import run_sweep
     from bdlab.tracking import Store
