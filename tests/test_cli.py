@@ -194,3 +194,4 @@ def test_list_prints_every_component_with_defaults():
     sweep = run("list", "sweep", check=True).stdout
     assert "  sampler\n      name: str = 'tpe' {tpe, random, gp, nsga2}" in sweep
     assert "max_retries: int = 1 >= 0" in sweep
+    assert "design: str = 'sobol' {sobol, grid}" in sweep and "subsets: int = 1 >= 1" in sweep
