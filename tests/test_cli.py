@@ -185,6 +185,39 @@ def test_import_checkpoint_is_weights_only(tmp_path):
     assert "pwned" not in proc.stdout
 
 
+def test_import_checkpoint_of_published_preact_resnet18(tmp_path):
+    """A BackdoorBench-shaped PreActResNet18 state dict (the published names, plain tensors, trained
+    behind BackdoorBench's CIFAR-10 normalization) imports into `preact_resnet18` and computes what
+    the published network computes."""
+    import published_preact
+
+    from trials.files import load_weights
+    from trials.models import build_model
+
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    state = published_preact.random_state(10)
+    foreign = tmp_path / "preactresnet18.pt"
+    torch.save(state, foreign)
+    out = tmp_path / "converted.safetensors"
+    stats = ["--input-mean", ",".join(map(str, mean)), "--input-std", ",".join(map(str, std))]
+    run("import-checkpoint", str(foreign), str(out), *stats, check=True)
+    model = build_model("preact_resnet18", 10, 32, (0.5,) * 3, (0.5,) * 3).eval()  # other statistics
+    model.load_state_dict(load_weights(out), strict=True)
+    x = torch.rand(4, 3, 32, 32)
+    z = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), published_preact.forward(state, z), rtol=1e-4, atol=1e-4)
+
+    # without the statistics the names are kept as they are: the model's normalize buffers are missing
+    run("import-checkpoint", str(foreign), str(tmp_path / "bare.safetensors"), check=True)
+    assert "normalize.mean" not in load_weights(tmp_path / "bare.safetensors")
+    bad = run("import-checkpoint", str(foreign), str(tmp_path / "bad.safetensors"), "--input-mean", "0,0,0")
+    assert_one_line_error(bad, "--input-std")
+    bad = run(
+        "import-checkpoint", str(foreign), str(tmp_path / "bad.safetensors"), *stats[:2], "--input-std", "1,x"
+    )
+    assert_one_line_error(bad, "--input-std", "one per channel")
+
+
 def test_list_prints_every_component_with_defaults():
     out = run("list", check=True).stdout
     for name in ("digits", "imagefolder", "mini_resnet", "vgg16_bn", "badnets", "wanet", "defenses:"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import published_preact
 import pytest
 import torch
 import torch.nn as nn
@@ -71,6 +72,32 @@ def test_preact_pairs_only_conv1_bn2():
     block = model.layer2[0]
     assert model.conv_bn_pairs()[2] == (block.conv1, block.bn2)
     assert len(model.conv_bn_pairs()) == 8  # one per block: bn1 normalizes a residual sum
+
+
+def test_preact_resnet18_has_the_published_names_and_shapes():
+    """BackdoorBench's and BPE's PreActResNet18, names and shapes written from their architecture
+    (tests/published_preact.py): no final BN, `shortcut.0`, `linear`; plus our Normalize buffers."""
+    model = build_model("preact_resnet18", 7, 32, MEAN, STD)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours.pop("normalize.mean") == (1, 3, 1, 1) and ours.pop("normalize.std") == (1, 3, 1, 1)
+    assert ours == published_preact.state_shapes(7)
+    assert sum(p.numel() for p in model.parameters()) == 11_171_146 - 3 * 513  # 11,171,146 at 10 classes
+    assert model.stem is model.conv1 and model.head is model.linear
+
+
+def test_preact_resnet18_computes_the_published_forward():
+    """A state dict of the published names loads strictly and gives the published forward pass,
+    at 32 and at 64 pixels (the stem keeps stride 1, as BackdoorBench's adaptive-pooling model)."""
+    state = published_preact.random_state(7)
+    model = build_model("preact_resnet18", 7, 32, MEAN, STD).eval()
+    model.load_state_dict(
+        {**state, **{k: v for k, v in model.state_dict().items() if k.startswith("normalize.")}}
+    )
+    for size in (32, 64):
+        x = torch.rand(3, 3, size, size)
+        z = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(model(x), published_preact.forward(state, z), rtol=1e-4, atol=1e-4)
+    assert model.stage_outputs(torch.rand(1, 3, 64, 64))["layer4"].shape == (1, 512, 8, 8)
 
 
 def test_resnet18_stem_stride_follows_input_size():

@@ -65,8 +65,19 @@ def save_weights(
     os.replace(tmp, path)
 
 
-def import_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A foreign `torch.save` checkpoint, read with weights_only=True (plain tensors only)."""
+def import_checkpoint(
+    path: str | Path,
+    input_mean: tuple[float, ...] | None = None,
+    input_std: tuple[float, ...] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A foreign `torch.save` checkpoint, read with weights_only=True (plain tensors only).
+
+    Names are kept as they are (a `{"state_dict": ...}` wrapper is unwrapped). Every platform model
+    normalizes its input itself (`normalize.mean` / `normalize.std` buffers, docs/models.md), where
+    foreign code normalizes in its data pipeline or not at all: `input_mean` / `input_std` add those
+    buffers with the statistics the foreign model was trained behind (BackdoorBench: its dataset's
+    mean and std; BPE/PBE, CLP: none, i.e. mean 0 and std 1), so the result loads into the model.
+    """
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any refusal by the safe loader is reported as such
@@ -77,6 +88,23 @@ def import_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BdlabError(f"checkpoint: {str(path)!r} is not a state dict of tensors")
+    if (input_mean is None) != (input_std is None):
+        raise BdlabError("import-checkpoint: give --input-mean and --input-std together")
+    if input_mean is not None and input_std is not None:
+        if len(input_mean) != len(input_std):
+            raise BdlabError(
+                f"import-checkpoint: --input-mean has {len(input_mean)} values, --input-std {len(input_std)}"
+            )
+        if any(s <= 0 for s in input_std):
+            raise BdlabError(f"import-checkpoint: --input-std must be positive, got {list(input_std)}")
+        present = sorted(k for k in ("normalize.mean", "normalize.std") if k in obj)
+        if present:
+            raise BdlabError(
+                f"checkpoint: {str(path)!r} already holds {present[0]}; drop --input-mean/--input-std"
+            )
+        obj = dict(obj)
+        obj["normalize.mean"] = torch.tensor(input_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        obj["normalize.std"] = torch.tensor(input_std, dtype=torch.float32).view(1, -1, 1, 1)
     return obj
 
 

@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("checkpoint", help="a torch.save file of plain tensors (read with weights_only=True)")
     imp.add_argument("out", help="the .safetensors file to write")
+    imp.add_argument(
+        "--input-mean",
+        default=None,
+        help="per-channel mean the foreign model's inputs were normalized with, e.g. 0.4914,0.4822,0.4465 "
+        "(BackdoorBench on CIFAR-10; 0,0,0 for code that does not normalize, as BPE's); adds the "
+        "normalize.mean buffer every bdlab model holds",
+    )
+    imp.add_argument(
+        "--input-std",
+        default=None,
+        help="per-channel std to go with --input-mean, e.g. 0.247,0.243,0.261 (1,1,1 for no normalization)",
+    )
 
     sweep = sub.add_parser(
         "sweep", help="run (or resume) a sweep: attacked models once, then an Optuna study per defense cell"
@@ -297,10 +309,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str | None, field: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    from trials.errors import InvalidValue
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidValue(field, text, "comma-separated numbers, one per channel") from None
+    if not values:
+        raise InvalidValue(field, text, "comma-separated numbers, one per channel")
+    return values
+
+
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     from trials.files import import_checkpoint, save_weights
 
-    tensors = import_checkpoint(args.checkpoint)
+    tensors = import_checkpoint(
+        args.checkpoint,
+        _float_list(args.input_mean, "--input-mean"),
+        _float_list(args.input_std, "--input-std"),
+    )
     save_weights(tensors, args.out)
     print(f"wrote {len(tensors)} tensors to {args.out}")
     return 0
