@@ -130,6 +130,8 @@ BASE = ["attack", "--dataset", "digits", "--model", "mini_resnet", "--attack", "
         ),
         (["--dataset", "imagefolder"], ["--data-root", "None", "imagefolder"]),
         (["--device", "tpu"], ["--device", "'tpu'", "auto, cpu"]),
+        (["--recipe-preset", "gpu_fast"], ["--recipe-preset", "'gpu_fast'", "cifar_cpu"]),
+        (["--recipe-preset", "cifar_cpu"], ["--recipe-preset", "'cifar_cpu'", "cifar10, imagefolder"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, needles):

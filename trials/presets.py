@@ -42,3 +42,34 @@ def default_space_params(defense: str) -> list[str]:
     if not path.exists():
         return []
     return list((yaml.safe_load(path.read_text()) or {}).keys())
+
+
+# Named training recipes for `bdlab attack --recipe-preset NAME` (docs/evaluation.md#recipe-presets):
+# each sets TrainRecipe fields (`recipe:`) and dataset parameters (`dataset_params:`, e.g. a training
+# subset); the dataset's own recipe is the base, and --recipe / --epochs / --dataset-param override.
+RECIPE_PRESETS = Path(__file__).resolve().parent / "recipe_presets.yaml"
+_RECIPE_PRESET_KEYS = {"description", "datasets", "recipe", "dataset_params"}
+
+
+def recipe_presets() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(RECIPE_PRESETS.read_text()) or {}
+
+
+def load_recipe_preset(name: str, dataset: str) -> dict[str, Any]:
+    """The preset `name` as {"recipe": {...}, "dataset_params": {...}}, checked against `dataset`."""
+    presets = recipe_presets()
+    if name not in presets:
+        raise InvalidValue("--recipe-preset", name, f"one of: {', '.join(sorted(presets))}")
+    preset = presets[name] or {}
+    unknown = set(preset) - _RECIPE_PRESET_KEYS
+    if unknown:  # a typo in the package's own file: fail loudly rather than drop it
+        raise InvalidValue(
+            f"recipe preset {name}", sorted(unknown), f"keys among {sorted(_RECIPE_PRESET_KEYS)}"
+        )
+    datasets = preset.get("datasets")
+    if datasets and dataset not in datasets:
+        raise InvalidValue("--recipe-preset", name, f"a preset for the datasets {', '.join(datasets)}")
+    return {
+        "recipe": dict(preset.get("recipe") or {}),
+        "dataset_params": dict(preset.get("dataset_params") or {}),
+    }

@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--recipe", action="append", metavar="KEY=VALUE", help="training recipe field, e.g. lr=0.01"
     )
+    attack.add_argument(
+        "--recipe-preset",
+        default=None,
+        help="named training recipe, e.g. cifar_cpu (docs/evaluation.md#recipe-presets); --recipe overrides it",
+    )
     attack.add_argument("--seed", type=int, default=0)
     attack.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)"
@@ -181,6 +186,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         recipe=parse_assignments(args.recipe, "--recipe"),
+        recipe_preset=args.recipe_preset,
         device=args.device,
         amp=False if args.no_amp else None,
         clean_reference=args.clean_reference,

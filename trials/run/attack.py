@@ -22,6 +22,7 @@ from trials.device import allow_tf32, make_generator, pick_device, precision_nam
 from trials.metrics import build_eval_set, evaluate, evaluate_halves, with_backdoored
 from trials.models import MODELS
 from trials.params import as_dict, resolve_params
+from trials.presets import load_recipe_preset
 from trials.training import Progress, TrainRecipe, train_classifier
 
 
@@ -38,6 +39,7 @@ class AttackSpec:
     seed: int = 0
     epochs: int | None = None  # None: the dataset's recipe
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of TrainRecipe fields
+    recipe_preset: str | None = None  # trials/recipe_presets.yaml: recipe and dataset parameters by name
     device: str = "auto"
     amp: bool | None = None  # training under bf16 autocast + channels_last; None = on for CUDA, never on CPU
     clean_reference: bool = False  # also train a clean model of the same recipe, for comparison
@@ -59,9 +61,21 @@ def default_recipe(dataset: str) -> TrainRecipe:
     return TrainRecipe(**DATASETS.get(dataset).recipe)
 
 
+def _preset(spec: AttackSpec) -> dict[str, Any]:
+    if spec.recipe_preset is None:
+        return {"recipe": {}, "dataset_params": {}}
+    return load_recipe_preset(spec.recipe_preset, spec.dataset)
+
+
+def dataset_params(spec: AttackSpec) -> dict[str, Any]:
+    """The dataset parameters the attack runs with: the recipe preset's, then the spec's own."""
+    return {**_preset(spec)["dataset_params"], **spec.dataset_params}
+
+
 def resolve_recipe(spec: AttackSpec) -> TrainRecipe:
+    """The dataset's recipe, then the recipe preset's fields, then the spec's own (epochs last)."""
     base = default_recipe(spec.dataset)
-    overrides = dict(spec.recipe)
+    overrides = {**_preset(spec)["recipe"], **spec.recipe}
     if spec.epochs is not None:
         overrides["epochs"] = spec.epochs
     merged = {**as_dict(base), **overrides}
@@ -70,7 +84,7 @@ def resolve_recipe(spec: AttackSpec) -> TrainRecipe:
 
 def validate(spec: AttackSpec) -> tuple[Any, TrainRecipe]:
     """Check every name and parameter before any data is read; returns (attack params, recipe)."""
-    make_dataset(spec.dataset, spec.dataset_params, spec.data_root)
+    make_dataset(spec.dataset, dataset_params(spec), spec.data_root)
     MODELS.get(spec.model)
     attack_cls = ATTACKS.get(spec.attack)
     attack_params = resolve_params(attack_cls.Params, spec.attack_params, owner=f"attack {spec.attack}")
@@ -86,7 +100,7 @@ def run_attack(spec: AttackSpec, progress: Progress | None = None) -> AttackResu
     seed_everything(spec.seed)
     generator = make_generator(device, spec.seed)
 
-    dataset = make_dataset(spec.dataset, spec.dataset_params, spec.data_root)
+    dataset = make_dataset(spec.dataset, dataset_params(spec), spec.data_root)
     data = dataset.load(device)
     attack = make_attack(spec.attack, as_dict(attack_params), data.num_classes, data.image_shape, spec.seed)
     ctx = AttackContext(data, spec.model, recipe, generator, amp, progress)
@@ -141,6 +155,7 @@ def run_attack(spec: AttackSpec, progress: Progress | None = None) -> AttackResu
         "attack": {"name": spec.attack, "params": as_dict(attack.params)},
         "seed": spec.seed,
         "recipe": as_dict(recipe),
+        "recipe_preset": spec.recipe_preset,
         "clean_reference": clean_model is not None,
         "device": provenance.hardware(device),
         "precision": {"training": precision_name(device, amp), "evaluation": "fp32"},
