@@ -132,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     _store_options(export)
     export.add_argument("--out", required=True, help="the .parquet file to write")
 
+    rep = sub.add_parser(
+        "report",
+        help="write a sweep's tables and study analysis (report.html, tables.md, tables.tex, trials.csv)",
+    )
+    rep.add_argument("sweep", help="the sweep's name (its spec's `name`)")
+    _store_options(rep)
+    rep.add_argument("--out", required=True, help="folder to write the four files to")
+    rep.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the dataset, for the collapse check (default: known for the registered datasets)",
+    )
+
     ui = sub.add_parser("ui", help="serve the MLflow UI of a results folder on 127.0.0.1")
     ui.add_argument("--results", default="results", help="results folder (default: ./results)")
     ui.add_argument("--port", type=int, default=5000)
@@ -383,6 +397,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bdlab.reporting import report_sweep
+    from bdlab.tracking import Store
+    from trials.errors import InvalidValue
+
+    if args.num_classes is not None and args.num_classes < 2:
+        raise InvalidValue("--num-classes", args.num_classes, "an integer >= 2")
+    quiet_sweep_output()  # no MLflow download progress bars
+    store = Store.open(args.results, args.tracking_uri, args.optuna_storage)
+    paths = report_sweep(store.tracker(), args.sweep, args.out, args.num_classes)
+    print(f"wrote {', '.join(str(p) for p in paths)} (also logged under report/ on the sweep's parent run)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from bdlab.servers import serve_ui
     from bdlab.tracking import Store
@@ -399,6 +427,7 @@ COMMANDS = {
     "list": cmd_list,
     "sweep": cmd_sweep,
     "export": cmd_export,
+    "report": cmd_report,
     "ui": cmd_ui,
 }
 

@@ -1,0 +1,245 @@
+"""`bdlab report` (bdlab.reporting): the table builders against hand-computed mean ± std, and the
+command on a real tiny study sweep (real Ray, MLflow's SQLite store, Optuna) writing the four files
+and logging them to the sweep's parent run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from bdlab import reporting as R
+
+TESTS = Path(__file__).resolve().parent
+A0 = "digits/mini_resnet/badnets(ratio=0.2)/s0"
+A1 = "digits/mini_resnet/badnets(ratio=0.2)/s1"
+
+
+def row(cell, trial, *, acc, asr, val_acc, val_asr, before_acc, before_asr, default=False, lr=0.01, **extra):
+    return {
+        "generation": 1,
+        "cell": f"{cell} :: ft",
+        "attack": "badnets",
+        "defense": "ft",
+        "dataset": "digits",
+        "model": "mini_resnet",
+        "cache_key": cell,
+        "trial": trial,
+        "status": "complete",
+        "default_config": default,
+        "params": json.dumps({"lr": lr}),
+        "acc": acc,
+        "asr": asr,
+        "val_acc": val_acc,
+        "val_asr": val_asr,
+        "before_acc": before_acc,
+        "before_asr": before_asr,
+        **extra,
+    }
+
+
+# two attack seeds, one defense, two configurations each: s0's best val_acc is trial 1 (0.85),
+# s1's is its default (0.80 > 0.79)
+ROWS = [
+    row(A0, 0, acc=0.80, asr=0.10, val_acc=0.82, val_asr=0.12, before_acc=0.90, before_asr=1.0, default=True),
+    row(A0, 1, acc=0.70, asr=0.02, val_acc=0.85, val_asr=0.03, before_acc=0.90, before_asr=1.0, lr=0.05),
+    row(
+        A1, 0, acc=0.84, asr=0.06, val_acc=0.80, val_asr=0.05, before_acc=0.94, before_asr=0.98, default=True
+    ),
+    row(A1, 1, acc=0.74, asr=0.04, val_acc=0.79, val_asr=0.02, before_acc=0.94, before_asr=0.98, lr=0.05),
+]
+
+
+def test_mean_std_formats_percent_with_sample_std_and_single_values():
+    assert R.mean_std([0.80, 0.84]) == "82.00 ± 2.83"  # sd = 0.04 / sqrt(2)
+    assert R.mean_std([0.5]) == "50.00 (n=1)"
+    assert R.mean_std([None, float("nan")]) == "-"
+
+
+def test_default_and_tuned_tables_pool_attack_seeds():
+    default = R.acc_asr_tables(ROWS, R.default_rows(ROWS), "default")
+    assert len(default) == 1 and default[0].title == "digits/mini_resnet: default"
+    assert default[0].header == ["attack", "no defense ACC", "no defense ASR", "ft ACC", "ft ASR"]
+    # no defense: (0.90, 0.94) and (1.0, 0.98); ft defaults: (0.80, 0.84) and (0.10, 0.06)
+    assert default[0].rows == [
+        ["badnets(ratio=0.2)", "92.00 ± 2.83", "99.00 ± 1.41", "82.00 ± 2.83", "8.00 ± 2.83"]
+    ]
+
+    tuned = R.tuned_rows(ROWS, {"acc": "max", "asr": "min"})
+    assert sorted((r["cell"], r["trial"]) for r in tuned) == [(f"{A0} :: ft", 1), (f"{A1} :: ft", 0)]
+    table = R.acc_asr_tables(ROWS, tuned, "tuned")[0]
+    assert table.rows[0][3:] == ["77.00 ± 9.90", "4.00 ± 2.83"]  # (0.70, 0.84) and (0.02, 0.06)
+
+    # the spec's objectives decide: on val_asr alone, trial 1 of both cells
+    by_asr = R.tuned_rows(ROWS, {"asr": "min"})
+    assert {r["trial"] for r in by_asr} == {1}
+    assert R.acc_asr_tables(ROWS, by_asr, "t")[0].rows[0][3:] == ["72.00 ± 2.83", "3.00 ± 1.41"]
+
+
+def test_tuned_pools_a_study_configuration_over_its_seeds_and_never_reads_the_report_half():
+    base = {"before_acc": 0.9, "before_asr": 1.0, "design": "sobol"}
+    rows = [
+        # configuration 0 (default): mean val_acc 0.80; configuration 1: mean 0.81, though its
+        # report ACC is far worse
+        row(A0, 0, acc=0.88, asr=0.5, val_acc=0.78, val_asr=0.5, default=True, configuration=0, **base),
+        row(A0, 1, acc=0.88, asr=0.5, val_acc=0.82, val_asr=0.5, default=True, configuration=0, **base),
+        row(A0, 2, acc=0.20, asr=0.0, val_acc=0.81, val_asr=0.5, lr=0.1, configuration=1, **base),
+        row(A0, 3, acc=0.30, asr=0.0, val_acc=0.81, val_asr=0.5, lr=0.1, configuration=1, **base),
+    ]
+    assert [r["trial"] for r in R.tuned_rows(rows, {"acc": "max"})] == [2, 3]
+    assert R.acc_asr_tables(rows, R.tuned_rows(rows, {"acc": "max"}), "t")[0].rows[0][3] == "25.00 ± 7.07"
+
+
+def test_amplified_table_keeps_measured_layouts_and_is_omitted_without_any():
+    rows = [dict(r, asr_x4=0.5 if r["trial"] == 0 else None) for r in ROWS]
+    table = R.amplified_tables(rows, R.default_rows(rows), "default")[0]
+    assert table.header == ["attack", "ft x4"] and table.rows == [["badnets(ratio=0.2)", "50.00 ± 0.00"]]
+    report = R.build_report(ROWS, "s")
+    assert not any("amplified" in t.title for t in report.tables)
+    assert any("amplified-trigger table omitted" in n for n in report.notes)
+
+
+def test_latex_is_booktabs_and_escaped():
+    tex = R.to_latex(R.build_report(ROWS, "my_sweep"))
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"82.00 $\pm$ 2.83" in tex
+    assert r"\begin{tabular}{lrrrr}" in tex  # attack + 4 numeric columns
+
+
+def test_pareto_rows_on_the_validation_objectives():
+    front = R.pareto_rows([r for r in ROWS if r["cell"].startswith(A0)], {"acc": "max", "asr": "min"})
+    assert [r["trial"] for r in front] == [1]  # trial 1: higher val_acc and lower val_asr
+
+
+def test_study_section_regret_success_and_the_default_filled_in():
+    base = {"before_acc": 0.90, "before_asr": 1.0, "design": "sobol", "val_asr": 0.5}
+    rows = [
+        # the default configuration records no lr (FT's declared default: 0.01)
+        row(A0, 0, acc=0.89, asr=0.30, val_acc=0.90, default=True, configuration=0, **base),
+        row(A0, 1, acc=0.88, asr=0.20, val_acc=0.89, default=True, configuration=0, **base),
+        row(A0, 2, acc=0.885, asr=0.02, val_acc=0.86, lr=0.05, configuration=1, **base),
+        row(A0, 3, acc=0.80, asr=0.00, val_acc=0.80, lr=0.05, configuration=1, **base),
+    ]
+    for r in rows[:2]:
+        r["params"] = "{}"
+    assert [json.loads(r["params"]) for r in R.with_full_params(rows)][:3] == [
+        {"lr": 0.01},
+        {"lr": 0.01},
+        {"lr": 0.05},
+    ]
+    section = R.study_section(rows, {"acc": "max", "asr": "min"}, num_classes=10, resamples=200)
+    robustness, choice, importance = section.tables
+    assert robustness.rows[0][:3] == ["4", "0", "25.0"]  # only trial 2: ASR <= 5 %, drop 1.5 <= 2
+    # defender: trial 0 (val_acc 0.90); oracle: trial 2 (trial 3 lowers ASR but drops 10 points)
+    assert [line[1] for line in choice.rows] == ["0", "2"]
+    assert choice.note == "regret: ASR +28.00 points, ACC drop -0.50 points"
+    assert importance.header == ["target", "lr"]
+    assert [title for title, _ in section.figures] == ["ACC vs ASR (report half)", "sensitivity to lr"]
+
+
+# --- the command on a real study sweep ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study_sweep(tmp_path_factory):
+    """The tiny study of tests/test_sweep.py: BadNets on 60 digits images, FT with 2 configurations x
+    2 defense seeds x 2 held-out subsets = 8 trials; SQLite tracking under the results folder."""
+    import ray
+    import yaml
+    from bdlab.sweep import run_sweep
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    try:
+        root = tmp_path_factory.mktemp("report-sweep")
+        spec = {
+            "name": "tiny-report",
+            "datasets": [{"name": "digits", "params": {"train_subset": 60, "test_subset": 40}}],
+            "models": ["mini_resnet"],
+            "attacks": [{"name": "badnets", "params": {"ratio": 0.2}}],
+            "seeds": [0],
+            "attack_training": {"epochs": 1},
+            "objectives": {"acc": "max", "asr": "min"},
+            "defenses": [
+                {
+                    "name": "ft",
+                    "preset": "smoke",
+                    "space": {"lr": {"float": [0.001, 0.05], "log": True}},
+                    "study": {"configurations": 2, "seeds": [0, 1], "budgets": [0.02], "subsets": 2},
+                }
+            ],
+            "resources": {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 0.5, "gpu": 0.25}},
+            "device": "cpu",
+        }
+        path = root / "tiny-report.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        results = root / "results"
+        run_sweep(path, results=results, address=ray.get_runtime_context().gcs_address, out=lambda _: None)
+        yield results
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.sweep
+def test_report_command_writes_four_files_and_logs_them_to_the_parent_run(study_sweep, tmp_path, capsys):
+    from bdlab.cli import main
+    from bdlab.tracking import Store
+
+    out = tmp_path / "report"
+    assert main(["report", "tiny-report", "--results", str(study_sweep), "--out", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(R.REPORT_FILES)
+
+    md = (out / "tables.md").read_text()
+    for heading in (
+        "digits(test_subset=40,train_subset=60)/mini_resnet: default configuration",
+        "tuned configuration (chosen on the validation half)",
+        "## Study cell",
+        "robustness (report half",
+        "defender's choice vs the oracle's",
+        "regret: ",
+        "hyperparameter importance",
+        "collapsed trials",
+        "validation Pareto front",
+    ):
+        assert heading in md, heading
+    assert "amplified trigger" in md  # BadNets is a patch: asr_x4/x5/x9 are measured
+    # one study cell: the defaults are 4 trials (2 seeds x 2 subsets), pooled as mean ± std
+    default_line = next(line for line in md.splitlines() if line.startswith("| badnets(ratio=0.2) |"))
+    assert default_line.count("±") == 2  # ft (budget 0.02) ACC and ASR
+    assert default_line.count("(n=1)") == 2  # no defense ACC and ASR: the one backdoored model
+
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r"src=['\"]([^'\"]*)", page)
+    assert len(srcs) == 2 and all(s.startswith("data:image/png;base64,") for s in srcs)  # scatter, lr
+    assert "href=" not in page and "<link" not in page
+    assert "success rate" in page and "<table>" in page
+
+    tex = (out / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\bottomrule") >= 4
+    lines = (out / "trials.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8 and lines[0].startswith("sweep,generation,study,trial,default_config")
+
+    tracker = Store.open(study_sweep).tracker()
+    parent = R.parent_run_id(tracker, "tiny-report")
+    logged = tracker.list_artifacts(parent, "report")
+    assert sorted(logged) == sorted(f"report/{n}" for n in R.REPORT_FILES)
+
+
+@pytest.mark.sweep
+def test_unknown_sweep_is_one_line_listing_the_sweeps(study_sweep, tmp_path, capsys):
+    from bdlab.cli import main
+
+    assert main(["report", "nope", "--results", str(study_sweep), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bdlab: error: sweep: 'nope'")
+    assert "tiny-report" in err
+    assert not (tmp_path / "r").exists()
