@@ -67,10 +67,15 @@ def test_default_and_tuned_tables_pool_attack_seeds():
         ["badnets(ratio=0.2)", "92.00 ± 2.83", "99.00 ± 1.41", "82.00 ± 2.83", "8.00 ± 2.83"]
     ]
 
+    # default objectives: lowest val_asr within 2 points of the cell's best val_acc. s0: best 0.85,
+    # the default (0.82) is out -> trial 1; s1: best 0.80, trial 1 (0.79) is in and has val_asr 0.02
     tuned = R.tuned_rows(ROWS, {"acc": "max", "asr": "min"})
-    assert sorted((r["cell"], r["trial"]) for r in tuned) == [(f"{A0} :: ft", 1), (f"{A1} :: ft", 0)]
+    assert sorted((r["cell"], r["trial"]) for r in tuned) == [(f"{A0} :: ft", 1), (f"{A1} :: ft", 1)]
     table = R.acc_asr_tables(ROWS, tuned, "tuned")[0]
-    assert table.rows[0][3:] == ["77.00 ± 9.90", "4.00 ± 2.83"]  # (0.70, 0.84) and (0.02, 0.06)
+    assert table.rows[0][3:] == ["72.00 ± 2.83", "3.00 ± 1.41"]  # (0.70, 0.74) and (0.02, 0.04)
+    # with s1's trial 1 three points below its default, the tolerance keeps the default
+    lower = [dict(r, val_acc=0.77) if (r["cache_key"], r["trial"]) == (A1, 1) else r for r in ROWS]
+    assert sorted(r["trial"] for r in R.tuned_rows(lower, {"acc": "max", "asr": "min"})) == [0, 1]
 
     # the spec's objectives decide: on val_asr alone, trial 1 of both cells
     by_asr = R.tuned_rows(ROWS, {"asr": "min"})
