@@ -43,16 +43,28 @@ def kernel_env(tmp_path, monkeypatch):
     return monkeypatch
 
 
-def execute(name: str, cwd: Path):
+def execute(name: str | Path, cwd: Path):
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)  # an absolute path replaces NOTEBOOKS
     client = NotebookClient(
         nb, timeout=300, kernel_name="bdlab-test", resources={"metadata": {"path": str(cwd)}}
     )
     client.execute()  # a failing cell raises CellExecutionError
     return nb
+
+
+def test_a_failing_cell_fails_the_run(kernel_env, tmp_path):
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    path = tmp_path / "bad.ipynb"
+    cells = [new_code_cell("x = 1"), new_code_cell("raise RuntimeError('cell two')"), new_code_cell("y = 2")]
+    nbformat.write(new_notebook(cells=cells), path)
+    with pytest.raises(CellExecutionError, match="cell two"):
+        execute(path, tmp_path)
 
 
 def text_of(nb) -> str:
@@ -95,7 +107,7 @@ def test_robustness_notebook_runs_on_the_results_folder_by_default(study_sweep, 
 
 
 @pytest.mark.sweep
-def test_helpers_read_the_sweep(study_sweep, tmp_path):
+def test_helpers_read_the_sweep(study_sweep, tmp_path, monkeypatch):
     from bdlab import notebook as nb
     from bdlab.report import trial_rows
     from bdlab.tracking import Store
@@ -104,7 +116,13 @@ def test_helpers_read_the_sweep(study_sweep, tmp_path):
     from trials.models import build_model
     from trials.run import evaluate_attacked
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BDLAB_RESULTS", raising=False)
     tracker = Store.open(study_sweep).tracker()
+    assert nb.open_store(study_sweep).tracking_uri == f"sqlite:///{study_sweep / 'mlflow.db'}"
+    with pytest.raises(InvalidValue, match="results: .* a results folder holding mlflow.db"):
+        nb.open_store(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
     [listed] = nb.list_sweeps(tracker)
     assert {k: listed[k] for k in ("sweep", "generation", "trials", "complete", "failed")} == {
         "sweep": "tiny-report",

@@ -42,8 +42,15 @@ FILTER_FIELDS = ("dataset", "model", "attack", "defense", "cell", "status")
 
 def open_store(results: str | Path | None = None) -> Store:
     """The store the platform resolves: `MLFLOW_TRACKING_URI` if set, else the results folder's
-    SQLite DB (`results`, else `BDLAB_RESULTS`, else ./results)."""
-    return Store.open(results or os.environ.get("BDLAB_RESULTS") or "results")
+    SQLite DB (`results`, else `BDLAB_RESULTS`, else ./results). A results folder without a store
+    is an error, not a new empty store (a notebook runs in its own folder, not the repository's)."""
+    folder = Path(results or os.environ.get("BDLAB_RESULTS") or "results")
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (folder / "mlflow.db").is_file():
+        field = "results" if results else "BDLAB_RESULTS"
+        raise InvalidValue(
+            field, str(folder.resolve()), "a results folder holding mlflow.db (or set MLFLOW_TRACKING_URI)"
+        )
+    return Store.open(folder)
 
 
 def list_sweeps(tracker: Tracker) -> list[Row]:
