@@ -64,3 +64,57 @@ def server_store(tmp_path_factory, mlflow_server_uri):
     from bdlab.tracking import Store
 
     return Store.open(tmp_path_factory.mktemp("server-store") / "results", tracking_uri=mlflow_server_uri)
+
+
+# --- a tiny study sweep's results folder (tests/test_reporting.py, tests/test_notebooks.py) ---------
+
+
+@pytest.fixture(scope="session")
+def study_sweep(tmp_path_factory):
+    """The results folder of a tiny study sweep `tiny-report`, run once a session (tests/test_reporting.py
+    and tests/test_notebooks.py read it): BadNets on 60 digits images, FT with 2 configurations x
+    2 defense seeds x 2 held-out subsets = 8 trials; SQLite tracking under the results folder. Ray is
+    shut down once the sweep is done: the store is all the readers need, and a module that starts its
+    own Ray (tests/test_sweep.py) must not find one running."""
+    import os
+
+    import ray
+    import yaml
+    from bdlab.sweep import run_sweep
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    try:
+        root = tmp_path_factory.mktemp("report-sweep")
+        spec = {
+            "name": "tiny-report",
+            "datasets": [{"name": "digits", "params": {"train_subset": 60, "test_subset": 40}}],
+            "models": ["mini_resnet"],
+            "attacks": [{"name": "badnets", "params": {"ratio": 0.2}}],
+            "seeds": [0],
+            "attack_training": {"epochs": 1},
+            "objectives": {"acc": "max", "asr": "min"},
+            "defenses": [
+                {
+                    "name": "ft",
+                    "preset": "smoke",
+                    "space": {"lr": {"float": [0.001, 0.05], "log": True}},
+                    "study": {"configurations": 2, "seeds": [0, 1], "budgets": [0.02], "subsets": 2},
+                }
+            ],
+            "resources": {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 0.5, "gpu": 0.25}},
+            "device": "cpu",
+        }
+        path = root / "tiny-report.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        results = root / "results"
+        run_sweep(path, results=results, address=ray.get_runtime_context().gcs_address, out=lambda _: None)
+    finally:
+        ray.shutdown()
+    return results

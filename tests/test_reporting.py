@@ -5,7 +5,6 @@ and logging them to the sweep's parent run."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -145,52 +144,6 @@ def test_study_section_regret_success_and_the_default_filled_in():
 
 
 # --- the command on a real study sweep ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def study_sweep(tmp_path_factory):
-    """The tiny study of tests/test_sweep.py: BadNets on 60 digits images, FT with 2 configurations x
-    2 defense seeds x 2 held-out subsets = 8 trials; SQLite tracking under the results folder."""
-    import ray
-    import yaml
-    from bdlab.sweep import run_sweep
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
-    )
-    try:
-        root = tmp_path_factory.mktemp("report-sweep")
-        spec = {
-            "name": "tiny-report",
-            "datasets": [{"name": "digits", "params": {"train_subset": 60, "test_subset": 40}}],
-            "models": ["mini_resnet"],
-            "attacks": [{"name": "badnets", "params": {"ratio": 0.2}}],
-            "seeds": [0],
-            "attack_training": {"epochs": 1},
-            "objectives": {"acc": "max", "asr": "min"},
-            "defenses": [
-                {
-                    "name": "ft",
-                    "preset": "smoke",
-                    "space": {"lr": {"float": [0.001, 0.05], "log": True}},
-                    "study": {"configurations": 2, "seeds": [0, 1], "budgets": [0.02], "subsets": 2},
-                }
-            ],
-            "resources": {"attack": {"cpu": 1, "gpu": 0}, "defense": {"cpu": 0.5, "gpu": 0.25}},
-            "device": "cpu",
-        }
-        path = root / "tiny-report.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        results = root / "results"
-        run_sweep(path, results=results, address=ray.get_runtime_context().gcs_address, out=lambda _: None)
-        yield results
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.sweep
