@@ -72,7 +72,7 @@ def server_store(tmp_path_factory, mlflow_server_uri):
 @pytest.fixture(scope="session")
 def study_sweep(tmp_path_factory):
     """The results folder of a tiny study sweep `tiny-report`, run once a session (tests/test_reporting.py
-    and tests/test_notebooks.py read it): BadNets on 60 digits images, FT with 2 configurations x
+    and tests/test_notebooks.py read it): BadNets on 400 digits images (8 epochs: a real backdoored model), FT with 2 configurations x
     2 defense seeds x 2 held-out subsets = 8 trials; SQLite tracking under the results folder. Ray is
     shut down once the sweep is done: the store is all the readers need, and a module that starts its
     own Ray (tests/test_sweep.py) must not find one running."""
@@ -94,11 +94,11 @@ def study_sweep(tmp_path_factory):
         root = tmp_path_factory.mktemp("report-sweep")
         spec = {
             "name": "tiny-report",
-            "datasets": [{"name": "digits", "params": {"train_subset": 60, "test_subset": 40}}],
+            "datasets": [{"name": "digits", "params": {"train_subset": 400, "test_subset": 200}}],
             "models": ["mini_resnet"],
             "attacks": [{"name": "badnets", "params": {"ratio": 0.2}}],
             "seeds": [0],
-            "attack_training": {"epochs": 1},
+            "attack_training": {"epochs": 8},
             "objectives": {"acc": "max", "asr": "min"},
             "defenses": [
                 {

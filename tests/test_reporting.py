@@ -158,7 +158,7 @@ def test_report_command_writes_four_files_and_logs_them_to_the_parent_run(study_
 
     md = (out / "tables.md").read_text()
     for heading in (
-        "digits(test_subset=40,train_subset=60)/mini_resnet: default configuration",
+        "digits(test_subset=200,train_subset=400)/mini_resnet: default configuration",
         "tuned configuration (chosen on the validation half)",
         "## Study cell",
         "robustness (report half",
