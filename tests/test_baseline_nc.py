@@ -151,22 +151,24 @@ def test_nc_leaves_the_model_unchanged_when_nothing_is_flagged():
 
 
 @pytest.mark.quality
-def test_nc_singles_out_class_0_and_its_trigger_erases_badnets(quality_runs):
-    """The issue's bar on digits / mini_resnet / BadNets, cpu preset, 4 % clean data (57 images), in
-    its robust part. Class 0's mask is by far the smallest (L1 0.73-0.86 against >= 15.9 for every
-    other label, seeds 0 / 1, native and default), but whether its anomaly index clears the
-    threshold of 2 is not robust on this problem (1.97 to 3.44), so the assertion is the ranking;
-    flagging at 2 is the fidelity issue's work on the schedule. Unlearning with the smallest mask's
-    trigger (even unflagged) then erases."""
-    run = quality_runs.run("nc_unlearn")
-    m, found = run["metrics"], run["metrics"]["findings"]
-    assert run["spec"]["data"]["count"] == 57
-    norms, index = found["mask_l1"], found["anomaly_index"]
-    others = sorted(norms[1:])
-    assert norms[0] < others[0] / 4, found  # the smallest mask, by far
-    median = sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]
-    below = [label for label, norm in enumerate(norms) if norm < sum(median) / 2]
-    assert max(below, key=index.__getitem__) == 0, found  # the largest anomaly index below the median
-    assert found["flagged"] in ([0], []), found  # nothing else is ever flagged
-    assert found["unlearned_with"] == [0]
-    assert q.erases("nc_unlearn")(m), m
+def test_nc_singles_out_the_target_of_three_badnets_models_and_its_trigger_erases(quality_runs):
+    """The issue's bar on digits / mini_resnet / BadNets 3x3, cpu preset, 4 % clean data (57 images),
+    in its robust part, on three models with different targets and seeds (0 / 3 / 7, seeds 0 / 1 / 2).
+    The target's mask is by far the smallest (L1 0.8-1.1 against >= 15 for every other label), but
+    whether its anomaly index clears 2 is not robust here (1.84-2.28 on these models): the clean
+    labels' own minimal masks differ (18-100), which no step schedule changes (docs/defenses/nc.md).
+    So the assertion is the ranking, and that unlearning with the smallest mask's trigger erases."""
+    for target, seed in q.TARGETS:  # the three models train side by side before any NC run
+        quality_runs._badnets(seed, target)
+    futures = [quality_runs.submit("nc_unlearn", seed, target) for target, seed in q.TARGETS]
+    for (target, seed), future in zip(q.TARGETS, futures, strict=True):
+        run = future.result()
+        m, found = run["metrics"], run["metrics"]["findings"]
+        assert run["spec"]["data"]["count"] == 57
+        assert m["before"]["asr"] >= 0.95, (target, seed, m["before"])
+        norms = found["mask_l1"]
+        others = [v for label, v in enumerate(norms) if label != target]
+        assert norms[target] < min(others) / 4, (target, seed, found)  # the smallest mask, by far
+        assert found["flagged"] in ([target], []), (target, seed, found)  # nothing else is ever flagged
+        assert found["unlearned_with"] == [target]
+        assert q.erases("nc_unlearn")(m), (target, seed, m)
