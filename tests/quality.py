@@ -28,24 +28,28 @@ from typing import Any
 
 SEEDS = (0, 1, 2)
 BADNETS = {"size": 3, "target": 0, "ratio": 0.1}  # the defenses' problem: BadNets 3x3, target 0, 10 %
+# (target, attack seed = defense seed) of the BadNets models a detecting defense must tell apart: the
+# defenses' model and two with other targets (NC's flag, issue 12 item 5)
+TARGETS = ((0, 0), (3, 1), (7, 2))
 
 
 # --- attacks ---------------------------------------------------------------------------------------
 
 
-def badnets_spec(seed: int, clean_reference: bool = False):
+def badnets_spec(seed: int, clean_reference: bool = False, target: int = 0):
     """BadNets on digits with mini_resnet and the digits recipe; with `clean_reference`, also a clean
     model of the same recipe (trained after the attacked one, which does not depend on it)."""
     from trials.run import AttackSpec
 
-    return AttackSpec(attack_params=dict(BADNETS), seed=seed, device="cpu", clean_reference=clean_reference)
+    params = {**BADNETS, "target": target}
+    return AttackSpec(attack_params=params, seed=seed, device="cpu", clean_reference=clean_reference)
 
 
-def train_badnets(seed: int, folder: Path, clean_reference: bool = False):
-    """The attacked model of `seed`, saved as an attacked-model folder and loaded back."""
+def train_badnets(seed: int, folder: Path, clean_reference: bool = False, target: int = 0):
+    """The attacked model of `seed` (and `target`), saved as an attacked-model folder and loaded back."""
     from trials.run import load_attacked, run_attack, save_attack_result
 
-    result = run_attack(badnets_spec(seed, clean_reference))
+    result = run_attack(badnets_spec(seed, clean_reference, target))
     return load_attacked(save_attack_result(result, folder), "cpu")
 
 
@@ -175,8 +179,8 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _train_badnets(seed: int, folder: str) -> str:
-    train_badnets(seed, Path(folder), clean_reference=seed == 0)
+def _train_badnets(seed: int, folder: str, target: int = 0) -> str:
+    train_badnets(seed, Path(folder), clean_reference=seed == 0 and target == 0, target=target)
     return folder
 
 
@@ -222,9 +226,13 @@ class Runs:
             self._futures[key] = self.pool.submit(fn, *args)
         return self._futures[key]
 
-    def _badnets(self, seed: int) -> Any:
-        folder = str(self.root / f"badnets-{seed}")
-        return self._submit(("badnets", str(seed)), _train_badnets, seed, folder)
+    def _badnets(self, seed: int, target: int = 0) -> Any:
+        if target == 0:  # the defenses' model
+            return self._submit(
+                ("badnets", str(seed)), _train_badnets, seed, str(self.root / f"badnets-{seed}")
+            )
+        folder = str(self.root / f"badnets-{seed}-target-{target}")
+        return self._submit(("badnets", str(seed), str(target)), _train_badnets, seed, folder, target)
 
     def attacked(self, seed: int) -> Any:
         """The attacked model of `seed`, loaded in this process (ASR checked)."""
@@ -236,12 +244,14 @@ class Runs:
         assert attacked.metrics["asr"] >= 0.95, attacked.metrics
         return attacked
 
-    def submit(self, case: str, seed: int) -> Any:
-        """Start a run (an attack case, or a defense case on BadNets at `seed`); returns its future."""
+    def submit(self, case: str, seed: int, target: int = 0) -> Any:
+        """Start a run (an attack case, or a defense case on BadNets at `seed` with `target`); returns
+        its future."""
         if case in ATTACK_CASES:
             return self._submit((case, str(seed)), _attack_run, case, seed)
-        folder = self._badnets(seed).result()
-        return self._submit((case, str(seed)), _defense_run, folder, case, seed)
+        folder = self._badnets(seed, target).result()
+        key = (case, str(seed)) if target == 0 else (case, str(seed), str(target))
+        return self._submit(key, _defense_run, folder, case, seed)
 
     def prefetch(self, runs: Sequence[tuple[str, int]]) -> None:
         """Submit runs that the coming tests need, so that both cores stay busy (the attacked models
@@ -251,10 +261,10 @@ class Runs:
         for case, seed in runs:
             self.submit(case, seed)
 
-    def run(self, case: str, seed: int = 0) -> dict[str, Any]:
+    def run(self, case: str, seed: int = 0, target: int = 0) -> dict[str, Any]:
         """The run's result: {"metrics"} (attacks), with "spec", "state" (the defended weights) and
         "zeroed_bn_channels" (pruned, total) for defenses."""
-        return self.submit(case, seed).result()
+        return self.submit(case, seed, target).result()
 
     def metrics(self, case: str, seed: int = 0) -> dict[str, Any]:
         return self.run(case, seed)["metrics"]
@@ -306,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--only", nargs="+", help="case names (attacks, 'badnets' and defense cases)")
+    parser.add_argument(
+        "--only", nargs="+", help="case names (attacks, 'badnets', defense cases and 'nc_targets')"
+    )
     parser.add_argument("--json", type=Path, help="write every run's summary here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as the test suite (tests/conftest.py)
@@ -332,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             record("badnets", seed, {**attacked.metrics, "seconds": round(time.perf_counter() - started, 1)})
             for case in defenses:
                 record(case, seed, defend(attacked, case, seed).metrics)
+        # NC on the models with other targets (their seeds are fixed by TARGETS, not --seeds)
+        for target, seed in TARGETS if wanted("nc_targets") else ():
+            attacked = train_badnets(seed, Path(tmp) / f"badnets-{seed}-target-{target}", target=target)
+            record(f"nc_target_{target}", seed, defend(attacked, "nc", seed).metrics)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

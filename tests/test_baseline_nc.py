@@ -1,5 +1,6 @@
-"""Neural Cleanse: the reverse-engineered mask on a planted-trigger toy model, the MAD anomaly index
-and the cost schedule against hand values, and the issue's bar on digits (class 0 singled out, ASR < 20 %)."""
+"""Neural Cleanse: the reverse-engineered mask on a planted-trigger toy model, a step's updates over a
+small clean set, the MAD anomaly index and the cost schedule against hand values, and the issue's bar
+on digits (the target singled out on three BadNets models, ASR < 20 %)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 import torch.nn as nn
 
 from trials.defenses import DefenseContext, make_defense
-from trials.defenses.nc import MAD_CONSISTENCY, NCParams, _CostSchedule, mad_anomaly, reverse_engineer
+from trials.defenses.nc import (
+    MAD_CONSISTENCY,
+    NCParams,
+    _CostSchedule,
+    cycled_batches,
+    mad_anomaly,
+    reverse_engineer,
+)
 
 TARGET, ROW, COL, K = 2, 5, 9, 3  # the toy's backdoor: a bright 3x3 patch at (5, 9) forces class 2
 
@@ -49,6 +57,43 @@ def test_recovered_mask_lies_over_the_planted_trigger():
     assert found.norms[0] < found.norms[1] / 4  # the clean label needs a much larger mask
     stamped = found.stamp(_dark_images(), torch.zeros(32, dtype=torch.long))
     assert (model(stamped).argmax(1) == TARGET).float().mean() >= 0.99
+
+
+def test_batches_cycle_a_small_set_whole():
+    # 5 images in batches of 3: the stream is whole shuffled passes, a batch straddling two of them
+    stream = iter(cycled_batches(5, 3, torch.Generator().manual_seed(0), torch.device("cpu")))
+    drawn = torch.cat([next(stream) for _ in range(5)])  # 15 indices = 3 passes
+    assert all(len(b) == 3 for b in drawn.split(3))
+    for one_pass in drawn.split(5):
+        assert sorted(one_pass.tolist()) == [0, 1, 2, 3, 4]  # no image dropped or repeated in a pass
+    big = next(iter(cycled_batches(5, 8, torch.Generator().manual_seed(0), torch.device("cpu"))))
+    assert len(big) == 8 and set(big.tolist()) == {0, 1, 2, 3, 4}  # a batch larger than the set
+
+
+class CountingModel(PlantedPatchModel):
+    """The toy, recording the size of every forward batch (labels x images)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        return super().forward(x)
+
+
+def test_a_step_is_many_updates_over_a_set_smaller_than_it():
+    # 5 images, steps of 24 in batches of 8: floor(24 / 8) = 3 updates of 8 images (the set cycled)
+    # per step, as the official 1,000 images in 31 batches of 32 (not 4 updates of the 5 images)
+    model = CountingModel()
+    p = NCParams(steps=2, samples_per_step=24, re_batch_size=8, early_stop=False)
+    found = reverse_engineer(model, _dark_images(5), [TARGET, 0], p, torch.Generator().manual_seed(0))
+    assert model.batches == [2 * 8] * 6  # 2 steps x 3 updates, 2 labels x 8 images each
+    assert found.steps == [2, 2]
+    model.batches.clear()
+    p = NCParams(steps=2, samples_per_step=5, re_batch_size=8, early_stop=False)
+    reverse_engineer(model, _dark_images(5), [TARGET], p, torch.Generator().manual_seed(0))
+    assert model.batches == [8, 8]  # fewer images than a batch: still one full batch per step
 
 
 def test_mad_anomaly_index_matches_hand_values():
@@ -106,22 +151,24 @@ def test_nc_leaves_the_model_unchanged_when_nothing_is_flagged():
 
 
 @pytest.mark.quality
-def test_nc_singles_out_class_0_and_its_trigger_erases_badnets(quality_runs):
-    """The issue's bar on digits / mini_resnet / BadNets, cpu preset, 4 % clean data (57 images), in
-    its robust part. Class 0's mask is by far the smallest (L1 0.73-0.86 against >= 15.9 for every
-    other label, seeds 0 / 1, native and default), but whether its anomaly index clears the
-    threshold of 2 is not robust on this problem (1.97 to 3.44), so the assertion is the ranking;
-    flagging at 2 is the fidelity issue's work on the schedule. Unlearning with the smallest mask's
-    trigger (even unflagged) then erases."""
-    run = quality_runs.run("nc_unlearn")
-    m, found = run["metrics"], run["metrics"]["findings"]
-    assert run["spec"]["data"]["count"] == 57
-    norms, index = found["mask_l1"], found["anomaly_index"]
-    others = sorted(norms[1:])
-    assert norms[0] < others[0] / 4, found  # the smallest mask, by far
-    median = sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]
-    below = [label for label, norm in enumerate(norms) if norm < sum(median) / 2]
-    assert max(below, key=index.__getitem__) == 0, found  # the largest anomaly index below the median
-    assert found["flagged"] in ([0], []), found  # nothing else is ever flagged
-    assert found["unlearned_with"] == [0]
-    assert q.erases("nc_unlearn")(m), m
+def test_nc_singles_out_the_target_of_three_badnets_models_and_its_trigger_erases(quality_runs):
+    """The issue's bar on digits / mini_resnet / BadNets 3x3, cpu preset, 4 % clean data (57 images),
+    in its robust part, on three models with different targets and seeds (0 / 3 / 7, seeds 0 / 1 / 2).
+    The target's mask is by far the smallest (L1 0.8-1.1 against >= 15 for every other label), but
+    whether its anomaly index clears 2 is not robust here (1.84-2.28 on these models): the clean
+    labels' own minimal masks differ (18-100), which no step schedule changes (docs/defenses/nc.md).
+    So the assertion is the ranking, and that unlearning with the smallest mask's trigger erases."""
+    for target, seed in q.TARGETS:  # the three models train side by side before any NC run
+        quality_runs._badnets(seed, target)
+    futures = [quality_runs.submit("nc_unlearn", seed, target) for target, seed in q.TARGETS]
+    for (target, seed), future in zip(q.TARGETS, futures, strict=True):
+        run = future.result()
+        m, found = run["metrics"], run["metrics"]["findings"]
+        assert run["spec"]["data"]["count"] == 57
+        assert m["before"]["asr"] >= 0.95, (target, seed, m["before"])
+        norms = found["mask_l1"]
+        others = [v for label, v in enumerate(norms) if label != target]
+        assert norms[target] < min(others) / 4, (target, seed, found)  # the smallest mask, by far
+        assert found["flagged"] in ([target], []), (target, seed, found)  # nothing else is ever flagged
+        assert found["unlearned_with"] == [target]
+        assert q.erases("nc_unlearn")(m), (target, seed, m)

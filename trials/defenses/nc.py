@@ -4,8 +4,12 @@
    m = tanh(m~)/(2 - eps) + 1/2 (H x W, shared over channels) and a pattern p = tanh(p~)/(2 - eps) + 1/2
    (C x H x W) stamp x' = (1 - m) * x + m * p in pixel space [0, 1] (the model normalizes inside).
    Loss = CE(f(x'), y_t) + cost * |m|_1, Adam(lr 0.1, betas 0.5 / 0.9) on (m~, p~), random initial
-   m and p (the official example script). One "step" is `samples_per_step` images in batches of
-   `re_batch_size` (the script: 1,000 in batches of 32); accuracy and |m|_1 are averaged per step.
+   m and p (the official example script). One "step" is floor(`samples_per_step` / `re_batch_size`)
+   Adam updates on batches of `re_batch_size` (the script: 1,000 images in 31 batches of 32);
+   accuracy and |m|_1 are averaged per step. A clean set smaller than a step is cycled, reshuffled
+   every pass: the schedule below counts steps, and with steps of one small batch its patience and
+   early stop react to single-batch noise, cost thrashes and the search stops before the clean
+   labels' masks have shrunk, so their norms stay scattered and inflate the MAD (issue 12, item 5).
 2. Cost schedule: cost starts at 0; after `patience` successful steps (attack success >= 0.99) it
    becomes `init_cost`; afterwards `patience` successful steps in a row multiply it by
    `cost_multiplier` (2), `patience` failing steps divide it by cost_multiplier ** 1.5. The mask of
@@ -46,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trials.data.pipeline import batch_indices, to_float
+from trials.data.pipeline import to_float
 from trials.defenses.base import Defense, DefenseContext, DefenseData
 from trials.defenses.finetuning import FinetuneParams, finetune
 from trials.defenses.registry import register_defense
@@ -129,15 +133,24 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def endless_batches(
+def cycled_batches(
     n: int, batch_size: int, generator: torch.Generator, device: torch.device
 ) -> Iterator[torch.Tensor]:
-    """Shuffled batches over n items, epoch after epoch (the official data generator's role)."""
-    batch_size = min(batch_size, n)
+    """Batches of `batch_size` indices from an endless stream of shuffled passes over n items (the
+    official data generator's role). A batch may straddle two passes, so a set smaller than a step,
+    or than a batch, is cycled whole: no image is dropped and every batch is full."""
+    buffer = torch.empty(0, dtype=torch.long, device=device)
     while True:
-        yield from batch_indices(
-            n, batch_size, shuffle=True, drop_last=True, generator=generator, device=device
-        )
+        while len(buffer) < batch_size:
+            buffer = torch.cat([buffer, torch.randperm(n, device=device, generator=generator)])
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+def updates_per_step(samples_per_step: int, batch_size: int) -> int:
+    """Adam updates in one step: the official MINI_BATCH = NB_SAMPLE / BATCH_SIZE (Python 2's floor
+    division: 1000 / 32 -> 31), at least one."""
+    return max(1, samples_per_step // batch_size)
 
 
 class _CostSchedule:
@@ -218,8 +231,10 @@ def reverse_engineer(
     found = [False] * k
     steps_run = [p.steps] * k
     active = list(range(k))
-    batches = endless_batches(len(images), p.re_batch_size, generator, device)
-    per_step = max(1, p.samples_per_step // min(p.re_batch_size, len(images)))
+    # a step is many updates even on a small clean set: the cost schedule and the early stop count
+    # steps, so a step of one update makes them react to single-batch noise (see the module doc)
+    batches = cycled_batches(len(images), p.re_batch_size, generator, device)
+    per_step = updates_per_step(p.samples_per_step, p.re_batch_size)
     with frozen(model):
         for step in range(p.steps):
             idx_active = torch.tensor(active, device=device)
