@@ -22,7 +22,7 @@ TEXT_NAMES = {"Makefile", "run"}
 DOC_REFERENCE = re.compile(r"(?<![\w/.:-])((?:\.\.?/)*[\w.-]+(?:/[\w.-]+)*\.md)(?:#([\w-]+))?")
 MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:work|home|Users|root|mnt|opt)/[\w.-]+")
 # files the platform writes (artifacts), named where they are written or documented: not documents
-WRITTEN_BY_THE_PLATFORM = {"summary.md"}
+WRITTEN_BY_THE_PLATFORM = {"summary.md", "tables.md"}  # tables.md: `bdlab report`
 
 
 def project_files(root: Path) -> list[Path]:
