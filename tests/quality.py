@@ -93,7 +93,11 @@ DEFENSE_CASES: dict[str, DefenseCase] = {
     "clp_u3": DefenseCase("clp", {"u": 3.0}),
     "aft": DefenseCase("aft"),
     "aft_code_values": DefenseCase("aft", {"adversarial_epochs": 3}, "the earlier cpu preset (README)"),
+    "aft_per_sample": DefenseCase("aft", {"augmentation": "per_sample"}, "per-image augmentation coins"),
     "pbe": DefenseCase("pbe"),
+    "pbe_per_sample": DefenseCase(
+        "pbe", {"augmentation": "per_sample"}, "per-image augmentation coins, shuffled pool (preset file)"
+    ),
     "nc": DefenseCase("nc"),
     "nc_unlearn": DefenseCase(
         "nc", {"unlearn_when_undetected": True}, "unlearns with the smallest mask even below the threshold"

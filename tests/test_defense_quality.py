@@ -55,12 +55,14 @@ def test_clp_runs_at_u3_and_prunes(quality_runs):
 
 def test_aft_on_clean_held_out_images_erases_badnets(quality_runs):
     # the cpu preset (10 adversarial epochs): ASR 0.000-0.025, ACC drop 0.017-0.033 (seeds 0-1,
-    # native and default); the code's 3 adversarial epochs leave 0.22-0.52 here (preset file)
+    # native and default, per-image coins); the code's 3 adversarial epochs leave 0.22-0.52 here
+    # (preset file). Official per-batch coins: 0.000 / 0.037 (native s0 / s1), 0.068 / 0.000 (default)
     held, seen = quality_runs.majority("aft", q.erases("aft"))
     assert held, seen
 
 
 def test_pbe_cpu_preset_erases_badnets_from_the_poisoned_training_set(quality_runs):
-    # ASR 0.006-0.080 on four of five runs, 0.383 on one (default, seed 0); ACC drop <= 0.028
+    # per-image coins: ASR 0.006-0.080 on four of five runs, 0.383 on one (default, seed 0); ACC
+    # drop <= 0.028. Official per-batch coins: 0.006 / 0.019 (native s0 / s1), 0.031 / 0.012 (default)
     held, seen = quality_runs.majority("pbe", q.erases("pbe"))
     assert held, seen

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from trials.adversarial import pgd
 from trials.checkpoint import load_state, save_state
 from trials.data.pipeline import random_rotate
-from trials.defenses import DefenseContext, make_defense
+from trials.defenses import DefenseContext, DefenseData, make_defense
+from trials.defenses.adversarial_finetuning import AdversarialFinetuneParams, augment
 from trials.defenses.bcu import distillation_loss, partial_reinit
 from trials.defenses.clp import channel_lipschitz_upper_bounds
 from trials.defenses.pbe import similarity_scores
@@ -160,6 +161,132 @@ def test_random_rotate_turns_images_within_range():
     mean_angle = (angles * weight).sum(1) / weight.sum(1)
     assert mean_angle.abs().max() <= math.radians(10) + 0.02
     assert torch.equal(random_rotate(x, 10.0, 0.0, torch.Generator()), x)
+
+
+# --- PBE/AFT augmentation (the code's kornia pipeline: per-batch coins) -----------------------------
+# Constant white images make each transformation visible: a crop off the center brings in a zero
+# border, a rotation darkens the corners; an untouched image stays exactly 1 everywhere.
+BATCHES, BATCH = 400, 16
+
+
+def _augmented_batches(mode: str, crop_pad: int, rotation: float) -> torch.Tensor:
+    p = AdversarialFinetuneParams(crop_pad=crop_pad, rotation=rotation, augmentation=mode)
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(BATCH, 1, 12, 12)
+    return torch.stack([augment(x, p, False, g) for _ in range(BATCHES)])  # batch, image, C, H, W
+
+
+def _sigma(q: float, n: int) -> float:
+    return math.sqrt(q * (1 - q) / n)
+
+
+def test_official_augmentation_crops_whole_batches_with_p_08():
+    out = _augmented_batches("official", crop_pad=5, rotation=0.0)
+    shifted = (out == 0).flatten(2).any(2)  # batch, image: a zero border came in
+    per_batch = shifted.sum(1)
+    # one coin per batch: all images cropped or none (a crop at the center offset, 1 in 121, shows
+    # nothing, so a cropped batch may have an unshifted image or two)
+    assert bool(((per_batch == 0) | (per_batch >= BATCH - 3)).all()), per_batch.tolist()
+    cropped = (per_batch > 0).float().mean().item()
+    assert abs(cropped - 0.8) <= 4 * _sigma(0.8, BATCHES), cropped
+    assert torch.equal(out[per_batch == 0], torch.ones_like(out[per_batch == 0]))
+
+
+def test_official_augmentation_rotates_a_quarter_of_images_in_gated_batches_only():
+    out = _augmented_batches("official", crop_pad=0, rotation=10.0)
+    rotated = out.flatten(2).amin(2) < 0.999  # batch, image: a darkened corner
+    gated = rotated.any(1)  # a gated batch with all 16 per-image coins off has p 2^-16
+    assert abs(gated.float().mean().item() - 0.5) <= 4 * _sigma(0.5, BATCHES)
+    # batches the gate left out are not touched at all (not even resampled)
+    assert torch.equal(out[~gated], torch.ones_like(out[~gated]))
+    inside = rotated[gated].float().mean().item()
+    assert abs(inside - 0.5) <= 4 * _sigma(0.5, int(gated.sum()) * BATCH), inside
+    # per image 0.5 x 0.5; the batch gate correlates images, so the spread is the batches'
+    # (per-batch variance 0.5 * (0.25 + 0.25 / 16) - 0.25^2 = 0.0703)
+    overall = rotated.float().mean().item()
+    assert abs(overall - 0.25) <= 4 * math.sqrt(0.0703 / BATCHES), overall
+
+
+def test_per_sample_augmentation_keeps_per_image_coins():
+    crops = _augmented_batches("per_sample", crop_pad=5, rotation=0.0)
+    shifted = (crops == 0).flatten(2).any(2)
+    q = 0.8 * 120 / 121  # cropped, and not at the center offset
+    assert abs(shifted.float().mean().item() - q) <= 4 * _sigma(q, BATCHES * BATCH)
+    mixed = ((shifted.sum(1) > 0) & (shifted.sum(1) < BATCH)).float().mean().item()
+    assert mixed >= 0.9  # all 16 cropped: 0.79^16 = 0.02; none: 0.2^16
+    turns = _augmented_batches("per_sample", crop_pad=0, rotation=10.0)
+    rotated = turns.flatten(2).amin(2) < 0.999
+    assert abs(rotated.float().mean().item() - 0.5) <= 4 * _sigma(0.5, BATCHES * BATCH)
+    assert bool(rotated.any(1).all())  # no batch is left out as a whole (p 2^-16 each)
+
+
+class _RecordTrainingBatches(nn.Module):
+    """Identity that records, in train mode (the SGD steps, not PGD or scoring), which images it saw:
+    image i is the constant 5 i / 255."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def forward(self, x):
+        if self.training:
+            self.batches.append((x[:, 0, 0, 0] * 255 / 5).round().long().tolist())
+        return x
+
+
+def _ordered_run(defense: str, mode: str) -> list[list[int]]:
+    n = 40
+    images = (torch.arange(n, dtype=torch.uint8) * 5).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    labels = torch.arange(n) % 3
+    recorder = _RecordTrainingBatches()
+    model = nn.Sequential(recorder, nn.Flatten(), nn.Linear(16, 3))
+    kind = "poisoned_train" if defense == "pbe" else "clean_labeled"
+    data = DefenseData(kind, images, labels, "test", 3, (1, 4, 4), flip=False)
+    # no crop, rotation or PGD move (eps 0): the images reach the model as they are
+    common = {
+        "augmentation": mode,
+        "crop_pad": 0,
+        "rotation": 0.0,
+        "eps": 0.0,
+        "pgd_steps": 1,
+        "batch_size": 4,
+    }
+    extra = (
+        {"initial_pool": 0.25, "pool_schedule": [0.5], "epochs_per_step": 2, "later_adversarial_batches": 1}
+        if defense == "pbe"
+        else {"epochs": 2, "adversarial_epochs": 1}
+    )
+    make_defense(defense, {**common, **extra}).run(model, data, _ctx())
+    return recorder.batches
+
+
+def test_pbe_official_mode_visits_the_pool_in_index_order():
+    batches = _ordered_run("pbe", "official")
+    # step 0: pool of 10 in batches 4, 4, 2 for two epochs; step 1: pool of 20, 5 batches x 2
+    assert [len(b) for b in batches] == [4, 4, 2] * 2 + [4] * 10
+    epochs = [sum(batches[:3], []), sum(batches[3:6], []), sum(batches[6:11], []), sum(batches[11:], [])]
+    for epoch in epochs:
+        assert epoch == sorted(epoch) and len(set(epoch)) == len(epoch), epoch
+    assert epochs[0] == epochs[1] and epochs[2] == epochs[3]  # the same order every epoch
+
+
+def test_pbe_per_sample_mode_and_aft_reshuffle_every_epoch():
+    batches = _ordered_run("pbe", "per_sample")
+    epochs = [sum(batches[:3], []), sum(batches[3:6], []), sum(batches[6:11], []), sum(batches[11:], [])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
+    assert epochs[2] != sorted(epochs[2]) and epochs[3] != sorted(epochs[3])
+    # the official AFT script loads its clean set with shuffle=True: both modes reshuffle
+    for mode in ("official", "per_sample"):
+        aft = _ordered_run("aft", mode)
+        first, second = sum(aft[:10], []), sum(aft[10:], [])
+        assert sorted(first) == sorted(second) == list(range(40)) and first != second
+
+
+def test_augmentation_mode_is_checked():
+    from trials.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match=r"param 'augmentation'.*'per_image'.*official, per_sample"):
+        make_defense("pbe", {"augmentation": "per_image"})
 
 
 def test_checkpoint_round_trip_keeps_optimizer_state():

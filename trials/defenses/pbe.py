@@ -5,9 +5,10 @@ Uses the labeled, possibly poisoned training set and no clean data:
     logits_b = f_b(x) for every training image (backdoored model, eval mode, no augmentation)
     S <- a random `initial_pool` (5 %) of the training set
     for t = 0..3 (the model is never reset):
-        fine-tune on S for `epochs_per_step` epochs: at t = 0 every batch is adversarial (PGD
-        against the given labels); at t >= 1 only the first `later_adversarial_batches` (31) batches
-        of the first epoch are, then plain fine-tuning
+        fine-tune on S for `epochs_per_step` epochs, S in training-set index order (the code's
+        unshuffled loader; shuffled with `augmentation` per_sample): at t = 0 every batch is
+        adversarial (PGD against the given labels); at t >= 1 only the first
+        `later_adversarial_batches` (31) batches of the first epoch are, then plain fine-tuning
         if t < 3: score_i = 0.5 + 0.5 cos(logits_b[i], f(x_i)) on every training image; S <- the
         top r_t by score (r = 20 %, 50 %, 70 %): images whose logits moved least are judged clean
     return f
@@ -73,16 +74,22 @@ class PBE(Defense):
         logits_b = logits(model, images)  # f_b on every training image (float32, as every `logits`)
         pool_size = max(1, int(round(p.initial_pool * n)))
         pool = torch.randperm(n, device=images.device, generator=ctx.generator)[:pool_size]
+        # the code filters its dataset to the pool and loads it without shuffling: every epoch visits
+        # the pool in training-set index order, so the adversarial batches of steps >= 1 are always
+        # the pool's lowest indices
+        official = p.augmentation == "official"
         optimizer = make_optimizer(model, p)
         steps = len(p.pool_schedule) + 1
         for t in range(steps):
+            if official:
+                pool = pool.sort().values
             for epoch in range(p.epochs_per_step):
                 if t == 0:
                     adversarial = lambda b: True  # noqa: E731
                 else:
                     adversarial = lambda b, e=epoch: e == 0 and b < p.later_adversarial_batches  # noqa: E731
                 stats = finetune_epoch(
-                    model, optimizer, images[pool], labels[pool], p, ctx, data.flip, adversarial
+                    model, optimizer, images[pool], labels[pool], p, ctx, data.flip, adversarial, not official
                 )
                 ctx.report(
                     {"step": t, "epoch": epoch + 1, "pool": len(pool), **stats},
