@@ -8,7 +8,7 @@ changes), global average pooling and `linear`. The stem keeps stride 1 at every 
 BackdoorBench's adaptive-pooling version does. There is no BN + ReLU between `layer4` and the
 pooling: the published network pools the last block's raw residual sum. An earlier version of this
 file added that final BN + ReLU (the textbook pre-activation tail, as in the Wide ResNets); it was
-removed so that the published numbers and checkpoints compare (issue 12).
+removed so that the published numbers and checkpoints compare.
 
 For the platform's contract, `stem` is `conv1` and `head` is `linear` (read-only aliases, so the
 state dict holds each tensor once, under the published name).
