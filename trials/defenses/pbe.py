@@ -83,13 +83,14 @@ class PBE(Defense):
         for t in range(steps):
             if official:
                 pool = pool.sort().values
+            pool_images, pool_labels = images[pool], labels[pool]  # gathered once a step, not per epoch
             for epoch in range(p.epochs_per_step):
                 if t == 0:
                     adversarial = lambda b: True  # noqa: E731
                 else:
                     adversarial = lambda b, e=epoch: e == 0 and b < p.later_adversarial_batches  # noqa: E731
                 stats = finetune_epoch(
-                    model, optimizer, images[pool], labels[pool], p, ctx, data.flip, adversarial, not official
+                    model, optimizer, pool_images, pool_labels, p, ctx, data.flip, adversarial, not official
                 )
                 ctx.report(
                     {"step": t, "epoch": epoch + 1, "pool": len(pool), **stats},
