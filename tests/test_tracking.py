@@ -415,16 +415,23 @@ def test_a_dead_drivers_lease_is_taken_over(local_store):
 def test_drivers_started_at_once_leave_one_holder(local_store):
     store, sweep = local_store.tracker(), unique("sweep")
     store.experiment_id(schema.DRIVER_EXPERIMENT)
-    barrier, outcomes = threading.Barrier(4), []
+    barrier, outcomes, settled = threading.Barrier(4), [], threading.Condition()
 
     def driver() -> None:
         barrier.wait(timeout=60)
         try:
             with claims.driver_lease(store, sweep):
-                time.sleep(3.0)  # longer than the others take to contend
-                outcomes.append("held")
+                # hold the lease until every other driver has had its answer (not for a fixed time,
+                # which a slow machine outlasts); with two holders neither sees three answers, and
+                # the wait times out into the failing count
+                with settled:
+                    settled.wait_for(lambda: len(outcomes) >= 3, timeout=60)
+                    outcomes.append("held")
+                    settled.notify_all()
         except claims.SweepBusy:
-            outcomes.append("refused")
+            with settled:
+                outcomes.append("refused")
+                settled.notify_all()
 
     threads = [threading.Thread(target=driver) for _ in range(4)]
     for t in threads:
