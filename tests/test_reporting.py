@@ -201,3 +201,75 @@ def test_unknown_sweep_is_one_line_listing_the_sweeps(study_sweep, tmp_path, cap
     assert err.count("\n") == 1 and err.startswith("bdlab: error: sweep: 'nope'")
     assert "tiny-report" in err
     assert not (tmp_path / "r").exists()
+
+
+# --- the end-of-sweep summary follows the spec's objectives -----------------------------------------
+
+
+def _summary(objectives):
+    point = lambda n, acc, asr, der: {"trial": n, "report": {"acc": acc, "asr": asr, "der": der}}  # noqa: E731
+    return {
+        "objectives": objectives,
+        "cells": [
+            {
+                "cell": "digits/mini_resnet/badnets/s0 :: ft",
+                "before": {"acc": 0.97, "asr": 1.0},  # a backdoored model has no DER
+                "default": point(0, 0.95, 0.40, 0.79),
+                "front": [point(2, 0.93, 0.0, 0.98)],
+                "points": [point(0, 0.95, 0.40, 0.79), point(1, 0.5, 0.0, 0.765), point(2, 0.93, 0.0, 0.98)],
+                "complete": 3,
+                "failed": 0,
+            }
+        ],
+    }
+
+
+def test_summary_table_shows_the_objectives_metrics():
+    from bdlab.report import summary_table
+
+    default = summary_table(_summary({"acc": "max", "asr": "min"})).splitlines()
+    assert "before ACC/ASR" in default[0] and "report ACC/ASR" in default[0]
+    assert "| 0.970/1.000 | 0.950/0.400 | 3/0 | 1: #2: 0.930/0.000 |" in default[2]
+    assert default[-2].startswith("acc (max): #{f(x) = y} / N") and default[-1].startswith("asr (min)")
+
+    der = summary_table(_summary({"der": "max", "acc": "max"})).splitlines()
+    assert "before DER/ACC" in der[0] and "report DER/ACC" in der[0]
+    assert "| n/a/0.970 | 0.790/0.950 | 3/0 | 1: #2: 0.980/0.930 |" in der[2]
+    assert der[-2].startswith("der (max): [max(0, asr_before - asr_after)")
+
+
+def test_pareto_plot_axes_follow_the_objectives():
+    from bdlab.figures import front_axes
+    from bdlab.report import pareto_figure
+
+    assert front_axes({"acc": "max", "asr": "min"}) == ("asr", "acc")
+    assert front_axes({"der": "max", "acc": "max"}) == ("acc", "der")
+    assert front_axes({"asr": "min"}) == ("acc", "asr")
+    assert front_axes({"der": "max"}) == ("asr", "der")
+    summary = _summary({"der": "max", "acc": "max"})
+    fig = pareto_figure(summary["cells"][0], summary["objectives"])
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("ACC") and ax.get_ylabel().startswith("DER")
+    trials = next(c for c in ax.collections if c.get_label() == "trials")
+    assert sorted(map(tuple, trials.get_offsets().tolist())) == [(0.5, 0.765), (0.93, 0.98), (0.95, 0.79)]
+    # the backdoored model has no DER: it is not drawn, rather than drawn at a made-up value
+    assert "backdoored model" not in [c.get_label() for c in ax.collections]
+
+
+def test_best_so_far_lines_are_the_trials_that_join_the_validation_front():
+    from bdlab.sweep import FrontTracker
+
+    lines = FrontTracker({"acc": "max", "asr": "min"}, ["A :: ft", "B :: ft"])
+    assert lines.offer(0, 0, {"val_acc": 0.90, "val_asr": 0.50}) == (
+        "A :: ft: trial 0 joins the validation front (acc 0.900, asr 0.500)"
+    )
+    assert lines.offer(0, 1, {"val_acc": 0.80, "val_asr": 0.60}) is None  # dominated by trial 0
+    assert lines.offer(0, 2, {"val_acc": 0.80, "val_asr": 0.10}) is not None  # a trade-off: joins
+    assert lines.offer(0, 3, {"val_acc": 0.80, "val_asr": 0.10}) is None  # a tie is no news
+    assert lines.offer(1, 0, {"val_acc": 0.10, "val_asr": 0.90}) is not None  # cells are separate
+    assert lines.offer(1, 1, {"val_acc": 0.95}) is None  # an objective missing: nothing to compare
+    # a spec maximizing DER alone: one number decides
+    der = FrontTracker({"der": "max"}, ["A :: ft"])
+    assert der.offer(0, 0, {"val_der": 0.7, "val_acc": 0.2}) is not None
+    assert der.offer(0, 1, {"val_der": 0.6, "val_acc": 0.99}) is None
+    assert der.offer(0, 2, {"val_der": 0.9}) == "A :: ft: trial 2 joins the validation front (der 0.900)"

@@ -164,6 +164,13 @@ def defense_metric_keys() -> tuple[str, ...]:
     return (*metric_keys(), *(name for name, _ in DEFENSE_METRICS.in_registration_order()))
 
 
+def metric_descriptions() -> dict[str, str]:
+    """Every metric's definition in one line (its function's docstring), for tables to say what a
+    column is."""
+    found = [*METRICS.in_registration_order(), *DEFENSE_METRICS.in_registration_order()]
+    return {name: " ".join((fn.__doc__ or "").split()) for name, fn in found}
+
+
 @register_defense_metric("der")
 def defense_effectiveness_rating(before: Mapping[str, Any], after: Mapping[str, Any]) -> float | None:
     """[max(0, asr_before - asr_after) - max(0, acc_before - acc_after) + 1] / 2 (FT-SAM, ICCV 2023),

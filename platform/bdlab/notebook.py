@@ -193,26 +193,16 @@ def trigger_images(tracker: Tracker, row: Row) -> dict[str, Any]:
 
 
 def pareto_figure(rows: Sequence[Row], objectives: Mapping[str, str] | None = None) -> Any:
-    """A cell's trials, report-half ASR against ACC, with the validation Pareto front (what a
-    defender can pick from) marked; a matplotlib Figure."""
-    import matplotlib.pyplot as plt
-
+    """A cell's trials on the axes of the objectives (report half), each labelled with its trial
+    number, with the validation Pareto front (what a defender can pick from) marked; a matplotlib
+    Figure."""
     from bdlab import analysis, reporting
+    from bdlab.figures import front_figure
 
     done = analysis.complete_rows(rows)
     front = reporting.pareto_rows(done, dict(objectives or reporting.DEFAULT_OBJECTIVES))
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter([r["asr"] for r in done], [r["acc"] for r in done], c="0.6", s=18, label="trials")
-    ax.scatter(
-        [r["asr"] for r in front], [r["acc"] for r in front], c="tab:red", s=30, label="val Pareto front"
-    )
-    for r in done:
-        ax.annotate(str(r["trial"]), (r["asr"], r["acc"]), fontsize=6)
-    ax.set_xlabel("ASR (report half)")
-    ax.set_ylabel("ACC (report half)")
-    ax.set_title(str(done[0]["cell"]) if done else "no complete trial", fontsize=7)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    title = str(done[0]["cell"]) if done else "no complete trial"
+    fig, _ = front_figure(done, front, objectives, title=title, labels=[str(r["trial"]) for r in done])
     return fig
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bdlab.spec.reader import DEFAULT_OBJECTIVES
 from bdlab.tracking import RUN_STATUSES, Store, Tracker, schema
 from trials.errors import InvalidValue
 
@@ -197,57 +198,59 @@ def summarize(store: Store, sweep: SweepRef, cells: list[CellRef]) -> dict[str, 
     }
 
 
-def _pair(d: dict | None) -> str:
+def _values(d: dict | None, metrics: list[str]) -> str:
     if not d:
         return "-"
-    acc, asr = d.get("acc"), d.get("asr")
     f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
-    return f"{f(acc)}/{f(asr)}"
+    return "/".join(f(d.get(m)) for m in metrics)
+
+
+def _shown(summary: dict[str, Any]) -> list[str]:
+    """The metrics a summary shows: the spec's objectives (ACC and ASR by default)."""
+    return list(summary.get("objectives") or DEFAULT_OBJECTIVES)
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The per-cell table (report half; the front is the validation half's Pareto set). ACC is
-    `acc`, ASR is `asr` (all non-target images, README "Metrics"), as the line under it says."""
-    head = "| cell | before ACC/ASR | default ACC/ASR | trials ok/failed | Pareto front (trial: report ACC/ASR) |"
+    """The per-cell table of the objectives' metrics (report half; the front is the validation
+    half's Pareto set). The lines under it say what each metric is."""
+    from trials.metrics import metric_descriptions
+
+    shown = _shown(summary)
+    names = "/".join(m.upper() if len(m) <= 4 else m for m in shown)
+    head = f"| cell | before {names} | default {names} | trials ok/failed | Pareto front (trial: report {names}) |"
     lines = [head, "|---|---|---|---|---|"]
     for c in summary["cells"]:
-        front = ", ".join(f"#{p['trial']}: {_pair(p['report'])}" for p in c["front"]) or "-"
-        default = _pair(c["default"]["report"]) if c["default"] else "-"
+        front = ", ".join(f"#{p['trial']}: {_values(p['report'], shown)}" for p in c["front"]) or "-"
+        default = _values(c["default"]["report"], shown) if c["default"] else "-"
         lines.append(
-            f"| {c['cell']} | {_pair(c['before'])} | {default} | {c['complete']}/{c['failed']} | "
+            f"| {c['cell']} | {_values(c['before'], shown)} | {default} | {c['complete']}/{c['failed']} | "
             f"{len(c['front'])}: {front} |"
         )
     lines.append("")
-    lines.append("ACC = `acc`, ASR = `asr` (#{non-target, f(trigger(x)) = t} / #non-target; README \"Metrics\")")
+    descriptions = metric_descriptions()
+    directions = summary.get("objectives") or DEFAULT_OBJECTIVES
+    for m in shown:
+        lines.append(f"{m} ({directions[m]}): {descriptions.get(m, 'see docs/metrics.md')}")
     return "\n".join(lines)
 
 
-def pareto_figure(cell: dict[str, Any]) -> Any:
+def pareto_figure(cell: dict[str, Any], objectives: dict[str, str] | None = None) -> Any:
+    """The cell's trials and validation Pareto front on the axes of the objectives (report half)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bdlab.figures import Mark, front_figure
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    xs = [p["report"].get("asr") for p in cell["points"]]
-    ys = [p["report"].get("acc") for p in cell["points"]]
-    ax.scatter(xs, ys, c="0.6", s=18, label="trials")
-    fx = [p["report"].get("asr") for p in cell["front"]]
-    fy = [p["report"].get("acc") for p in cell["front"]]
-    ax.scatter(fx, fy, c="tab:red", s=30, label="Pareto front (chosen on the validation half)")
+    marks = [Mark(cell["before"], "backdoored model", "x", "k", 60)]
     if cell["default"]:
-        d = cell["default"]["report"]
-        ax.scatter(
-            [d.get("asr")], [d.get("acc")], marker="*", s=160, c="tab:blue", label="default configuration"
-        )
-    b = cell["before"]
-    ax.scatter([b.get("asr")], [b.get("acc")], marker="x", s=60, c="k", label="backdoored model")
-    ax.set_xlabel("ASR (report half)")
-    ax.set_ylabel("ACC (report half)")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_title(cell["cell"], fontsize=8)
-    ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+        marks.insert(0, Mark(cell["default"]["report"], "default configuration"))
+    fig, _ = front_figure(
+        [p["report"] for p in cell["points"]],
+        [p["report"] for p in cell["front"]],
+        objectives,
+        marks,
+        title=cell["cell"],
+    )
     return fig
 
 
@@ -267,14 +270,15 @@ def publish(store: Store, sweep: SweepRef, summary: dict[str, Any], out: Any) ->
         for i, cell in enumerate(summary["cells"]):
             if not cell["points"]:
                 continue
-            fig = pareto_figure(cell)
+            fig = pareto_figure(cell, summary.get("objectives"))
             path = tmp / f"pareto_{i:02d}_{_safe(cell['cell'])}.png"
             fig.savefig(path)
             plt.close(fig)
             tracker.log_artifact(sweep.parent_run_id, path, "pareto")
     out("")
     out(
-        f"summary of sweep {sweep.name} (generation {sweep.generation}); report half, Pareto front on the validation half:"
+        f"summary of sweep {sweep.name} (generation {sweep.generation}); report half, "
+        f"Pareto front on the validation half ({', '.join(f'{k} {v}' for k, v in sweep.objectives.items())}):"
     )
     out(table)
     out("")

@@ -29,13 +29,14 @@ import numpy as np
 
 from bdlab import analysis
 from bdlab.analysis import Row
+from bdlab.figures import Mark, front_figure
+from bdlab.spec.reader import DEFAULT_OBJECTIVES
 
 REPORT_FILES = ("report.html", "tables.md", "tables.tex", "trials.csv")
 ARTIFACT_PATH = "report"
 AMPLIFIED = ("asr_x4", "asr_x5", "asr_x9")
 # classes of the registered datasets, for the collapse check; another dataset needs --num-classes
 KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "gtsrb": 43}
-DEFAULT_OBJECTIVES = {"acc": "max", "asr": "min"}
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -250,15 +251,13 @@ def pareto_rows(rows: Sequence[Row], objectives: Mapping[str, str]) -> list[Row]
         s = _score([r], objectives)
         if s is not None:
             scored.append((s, r))
-    front = []
-    for s, r in scored:
-        dominated = any(
-            all(o <= m for o, m in zip(t, s, strict=True)) and any(o < m for o, m in zip(t, s, strict=True))
-            for t, _ in scored
-        )
-        if not dominated:
-            front.append(r)
-    return front
+    return [r for s, r in scored if not any(dominates(t, s) for t, _ in scored)]
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether score `a` beats `b` (both minimized, as `_score` writes them): no worse on every
+    objective and better on one."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
 def _param_value(text: Any) -> Any:
@@ -444,11 +443,18 @@ def _scatter_png(
     flagged: Sequence[Row],
     section: Section,
 ) -> bytes:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    """The cell's Pareto plot in the ACC-ASR plane (where the logistic curve is fitted, whatever the
+    objectives), with the collapsed trials and both choices marked."""
+    _pyplot()
+    marks = [Mark(r, "collapsed", "v", "k", 30) for r in flagged]
+    marks += [
+        Mark(r, label, m, c, 120)
+        for r, label, m, c in ((mine, "defender", "*", "tab:blue"), (oracle, "oracle", "D", "tab:orange"))
+        if r is not None
+    ]
+    fig, ax = front_figure(done, front, DEFAULT_OBJECTIVES, marks)
     asr = np.array([float(r["asr"]) for r in done])
     acc = np.array([float(r["acc"]) for r in done])
-    ax.scatter(asr, acc, c="0.6", s=18, label="trials")
     try:
         from scipy.optimize import OptimizeWarning
 
@@ -457,6 +463,7 @@ def _scatter_png(
             fit = analysis.fit_logistic(acc, asr)
         xs = np.linspace(float(asr.min()), float(asr.max()), 100)
         ax.plot(xs, fit(xs), c="tab:green", label=f"logistic fit (RMSE {fit.rmse:.3f})")
+        ax.legend(fontsize=6, loc="best")
         section.notes.append(
             "logistic fit: "
             + ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items())
@@ -464,24 +471,6 @@ def _scatter_png(
         )
     except ValueError as err:
         section.notes.append(f"logistic fit: not computable ({err}).")
-    if front:
-        ax.scatter(
-            [r["asr"] for r in front], [r["acc"] for r in front], c="tab:red", s=30, label="val Pareto front"
-        )
-    if flagged:
-        ax.scatter(
-            [r["asr"] for r in flagged], [r["acc"] for r in flagged], marker="v", c="k", label="collapsed"
-        )
-    for r, marker, color, label in (
-        (mine, "*", "tab:blue", "defender"),
-        (oracle, "D", "tab:orange", "oracle"),
-    ):
-        if r is not None:
-            ax.scatter([r["asr"]], [r["acc"]], marker=marker, s=120, c=color, label=label, alpha=0.8)
-    ax.set_xlabel("ASR (report half)")
-    ax.set_ylabel("ACC (report half)")
-    ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
     return _png(fig)
 
 

@@ -128,7 +128,13 @@ def run_sweep(
 
 
 def _run(
-    spec: SweepSpec, store: Store, tracker: Tracker, fresh: bool, address: str | None, out: Out, started: float
+    spec: SweepSpec,
+    store: Store,
+    tracker: Tracker,
+    fresh: bool,
+    address: str | None,
+    out: Out,
+    started: float,
 ) -> dict[str, Any]:
     exp = tracker.experiment_id(schema.sweep_experiment(spec.name))
     parent = parent_run(tracker, exp, spec.name, fresh=fresh, tags={schema.SPEC: spec.source})
@@ -302,18 +308,12 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
             },
         )
 
-    best: dict[int, tuple[float, str]] = {}
+    front_lines = FrontTracker(spec.objectives, [c.label for c in cells])
 
     def best_line(trial: Any, result: dict) -> str | None:
         if not result.get("done"):
             return None
-        i = names.index(trial.config["study"])
-        score = result.get("val_acc", 0.0) - result.get("val_asr", 0.0)
-        line = f"{cells[i].label}: val ACC {result.get('val_acc', 0):.3f} ASR {result.get('val_asr', 0):.3f} (trial {trial.config['number']})"
-        if i not in best or score > best[i][0]:
-            best[i] = (score, line)
-            return line
-        return None
+        return front_lines.offer(names.index(trial.config["study"]), trial.config["number"], result)
 
     searcher = CellSearcher(spec, cells, studies, trial_config)
     total = searcher.remaining()
@@ -345,3 +345,27 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
         run_config=_run_config(run, "defense", progress),
     )
     tuner.fit()
+
+
+class FrontTracker:
+    """The "best so far" lines of a sweep: a finished trial is news when no earlier trial of its
+    cell beats it on every validation objective of the spec (it joins the cell's running front)."""
+
+    def __init__(self, objectives: dict[str, str], labels: list[str]) -> None:
+        self.objectives, self.labels = dict(objectives), labels
+        self.scores: dict[int, list[tuple[float, ...]]] = {}
+
+    def offer(self, cell: int, number: int, result: dict) -> str | None:
+        from bdlab.reporting import dominates
+
+        values = [result.get(f"val_{m}") for m in self.objectives]
+        if any(v is None for v in values):
+            return None
+        score = tuple(-v if d == "max" else v for v, d in zip(values, self.objectives.values(), strict=True))
+        earlier = self.scores.setdefault(cell, [])
+        news = not any(dominates(s, score) or s == score for s in earlier)
+        earlier.append(score)
+        if not news:
+            return None
+        shown = ", ".join(f"{m} {v:.3f}" for m, v in zip(self.objectives, values, strict=True))
+        return f"{self.labels[cell]}: trial {number} joins the validation front ({shown})"
