@@ -273,3 +273,14 @@ def test_best_so_far_lines_are_the_trials_that_join_the_validation_front():
     assert der.offer(0, 0, {"val_der": 0.7, "val_acc": 0.2}) is not None
     assert der.offer(0, 1, {"val_der": 0.6, "val_acc": 0.99}) is None
     assert der.offer(0, 2, {"val_der": 0.9}) == "A :: ft: trial 2 joins the validation front (der 0.900)"
+
+
+def test_the_tuned_note_states_the_rule_that_chose():
+    assert R.tuned_rule({"acc": "max", "asr": "min"}) == (
+        "tuned: per cell, the lowest mean val_asr among the configurations whose mean val_acc is "
+        "within 2 points of the cell's best; its report-half numbers are shown."
+    )
+    assert R.tuned_rule({"der": "max", "acc": "max"}) == (
+        "tuned: per cell, the best mean validation val_der (max), then val_acc (max); its report-half "
+        "numbers are shown."
+    )

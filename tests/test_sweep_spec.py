@@ -67,6 +67,31 @@ def write(tmp_path: Path, data: dict) -> Path:
 # --- the shipped files ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("name", "sweep", "trials_per_cell", "total"),
+    [
+        # 8 configurations x 3 seeds; CLP: 11 grid levels of u + the default, 1 seed
+        ("digits.yaml", "digits-robustness", {"ft": 24, "fp": 24, "bcu": 24, "clp": 12}, 168),
+        # 8 configurations x 2 budgets x 5 subsets; CLP as above; BCU 8 x 3 seeds
+        ("cifar10_gpu.yaml", "cifar10-robustness", {"ft": 80, "fp": 80, "nad": 80, "clp": 12, "bcu": 24}, 552),
+    ],
+)
+def test_shipped_studies_load_with_the_sizes_their_readme_gives(name, sweep, trials_per_cell, total):
+    from bdlab.designs import configuration_count
+
+    spec = load_sweep(ROOT / "search_spaces" / "studies" / name)
+    assert spec.name == sweep
+    sizes = {}
+    for d in spec.defenses:
+        assert d.study is not None, f"{d.name} is a search, not a study"
+        design = d.study
+        sizes[d.name] = (
+            configuration_count(d.space, design) * len(design.seeds) * max(1, len(design.budgets)) * design.subsets
+        )
+    assert sizes == trials_per_cell
+    assert len(spec.attack_cells) * sum(sizes.values()) == total
+
+
 def test_quickstart_loads():
     spec = load_sweep(QUICKSTART)
     assert spec.name == "quickstart"
