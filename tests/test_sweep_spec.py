@@ -73,7 +73,12 @@ def write(tmp_path: Path, data: dict) -> Path:
         # 8 configurations x 3 seeds; CLP: 11 grid levels of u + the default, 1 seed
         ("digits.yaml", "digits-robustness", {"ft": 24, "fp": 24, "bcu": 24, "clp": 12}, 168),
         # 8 configurations x 2 budgets x 5 subsets; CLP as above; BCU 8 x 3 seeds
-        ("cifar10_gpu.yaml", "cifar10-robustness", {"ft": 80, "fp": 80, "nad": 80, "clp": 12, "bcu": 24}, 552),
+        (
+            "cifar10_gpu.yaml",
+            "cifar10-robustness",
+            {"ft": 80, "fp": 80, "nad": 80, "clp": 12, "bcu": 24},
+            552,
+        ),
     ],
 )
 def test_shipped_studies_load_with_the_sizes_their_readme_gives(name, sweep, trials_per_cell, total):
@@ -86,7 +91,10 @@ def test_shipped_studies_load_with_the_sizes_their_readme_gives(name, sweep, tri
         assert d.study is not None, f"{d.name} is a search, not a study"
         design = d.study
         sizes[d.name] = (
-            configuration_count(d.space, design) * len(design.seeds) * max(1, len(design.budgets)) * design.subsets
+            configuration_count(d.space, design)
+            * len(design.seeds)
+            * max(1, len(design.budgets))
+            * design.subsets
         )
     assert sizes == trials_per_cell
     assert len(spec.attack_cells) * sum(sizes.values()) == total
@@ -277,7 +285,9 @@ def test_fixed_values_are_typed():
 
 def test_resources_fractional_and_whole_gpus():
     data = {**base_spec(), "resources": {"attack": {"gpu": 2}, "defense": {"cpu": 2, "gpu": 0.25}}}
-    assert parse_sweep(data).resources == Resources(TrialResources(cpu=1, gpu=2), TrialResources(cpu=2, gpu=0.25))
+    assert parse_sweep(data).resources == Resources(
+        TrialResources(cpu=1, gpu=2), TrialResources(cpu=2, gpu=0.25)
+    )
 
 
 # --- errors: one line naming the file, the path inside it, the value and what is allowed -----------
