@@ -9,6 +9,7 @@ three trials each, every trial asking 0.5 CPU and 0.25 GPU.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,6 +203,11 @@ def test_tiny_sweep_records_everything_and_resumes_from_cache(
     keys = {r.tags["bdlab.cache_key"] for r in children}
     assert len(keys) == 2 and all(len(attack_runs(store, k)) == 1 for k in keys)
     printed = capsys.readouterr().out
+    # how busy the CPUs were, per phase and for the whole sweep (measured, so only bounded here)
+    phase_busy = re.findall(r"\[(attack|defense)\] busy fraction ([0-9.]+): trials held", printed)
+    assert [p for p, _ in phase_busy] == ["attack", "defense"]
+    assert all(0 < float(f) <= 1.01 for _, f in phase_busy)
+    assert 0 < summary["busy_fraction"] <= 1.01 and "; busy fraction " in printed
 
     # re-running: no attacked model trained, no trial repeated, the same summary (counted, not timed:
     # a wall-time bound would fail on a machine twice as slow)
@@ -445,3 +451,29 @@ def test_two_sweeps_at_once_train_a_shared_attacked_model_once(ray_cluster, mlfl
     keys = {r.tags["bdlab.cache_key"] for n in ("race_a", "race_b") for r in defense_runs(store, n)}
     assert len(keys) == 1
     assert len(attack_runs(store, keys.pop())) == 1
+
+
+def test_busy_fraction_is_trial_seconds_times_cpus_over_wall_times_cluster_cpus():
+    from types import SimpleNamespace
+
+    from bdlab.progress import PhaseProgress
+
+    now = [0.0]
+    progress = PhaseProgress("defense", 3, lambda t: t.trial_id, out=lambda line: None, clock=lambda: now[0])
+    a, b, c = (SimpleNamespace(trial_id=i, last_result={}) for i in "abc")
+    progress.on_trial_start(0, [], a)
+    now[0] = 2.0
+    progress.on_trial_start(0, [], b)
+    now[0] = 6.0
+    progress.on_trial_recover(0, [], b)  # b's first attempt: 4 s; its retry runs from here
+    now[0] = 8.0
+    progress.on_trial_complete(0, [], b)  # + 2 s
+    progress.on_trial_start(0, [], c)
+    now[0] = 10.0
+    progress.on_trial_complete(0, [], a)  # 10 s
+    progress.on_trial_error(0, [], c)  # 2 s: a failed trial held its CPUs too
+    assert progress.trial_seconds == 18.0
+    # two 1-CPU slots for 10 s: 18 of 20 CPU-seconds held; 2-CPU trials on a 4-CPU cluster: the same
+    assert progress.busy_fraction(1, 2) == 0.9
+    assert progress.busy_fraction(2, 4) == 0.9
+    assert progress.busy_fraction(1, 4) == 0.45

@@ -148,10 +148,10 @@ def _run(
         f"tracking {store.tracking_uri}"
     )
     phase_started = time.monotonic()
-    attack_phase(run, address, out)
+    attack_busy = attack_phase(run, address, out)
     attack_s = time.monotonic() - phase_started
     phase_started = time.monotonic()
-    defense_phase(run, address, out)
+    defense_busy = defense_phase(run, address, out)
     defense_s = time.monotonic() - phase_started
     from bdlab.studies import study_name
 
@@ -162,18 +162,41 @@ def _run(
     sweep = report.SweepRef(spec.name, generation, exp, parent, dict(spec.objectives))
     summary = report.summarize(store, sweep, cells)
     report.publish(store, sweep, summary, out)
+    wall = time.monotonic() - started
     summary["seconds"] = {"attack_phase": round(attack_s, 2), "defense_phase": round(defense_s, 2)}
-    out(
-        f"done in {time.monotonic() - started:.0f} s (attack phase {attack_s:.1f} s, "
-        f"defense phase {defense_s:.1f} s)"
-    )
+    busy = ""
+    cpus = _cluster_cpus()
+    if cpus:
+        # the whole sweep's, start-up, the cache lookups and the summary included
+        summary["busy_fraction"] = round((attack_busy + defense_busy) / (wall * cpus), 4)
+        busy = f"; busy fraction {summary['busy_fraction']:.2f} (trial CPU-seconds over {wall:.0f} s x {cpus:g} CPUs)"
+    out(f"done in {wall:.0f} s (attack phase {attack_s:.1f} s, defense phase {defense_s:.1f} s){busy}")
     return summary
+
+
+def _cluster_cpus() -> float:
+    """The CPUs of the Ray cluster the sweep used; 0 when no phase started one (everything cached)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0.0
+
+
+def report_busy(progress: Any, phase: str, cpus_per_trial: float, out: Out) -> float:
+    """Print the phase's busy fraction; return the CPU-seconds its trials held."""
+    cpus = _cluster_cpus()
+    fraction = progress.busy_fraction(cpus_per_trial, cpus)
+    out(
+        f"[{phase}] busy fraction {fraction:.2f}: trials held {progress.trial_seconds * cpus_per_trial:.0f} "
+        f"CPU-seconds of {progress.clock() - progress.started:.0f} s x {cpus:g} CPUs"
+    )
+    return progress.trial_seconds * cpus_per_trial
 
 
 # --- phase 1 ---------------------------------------------------------------------------------------
 
 
-def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
+def attack_phase(run: SweepRun, address: str | None, out: Out) -> float:
+    """Train the attacked models the store lacks; return the CPU-seconds the trials held."""
     spec, store, tracker = run.spec, run.store, run.tracker
     todo = []
     for cell in spec.attack_cells:
@@ -184,7 +207,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
             todo.append(cell)
     out(f"[attack] {len(spec.attack_cells) - len(todo)} of {len(spec.attack_cells)} attacked models cached")
     if not todo:
-        return
+        return 0.0
     from ray import tune
 
     from bdlab.progress import PhaseProgress
@@ -206,6 +229,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
         run_config=_run_config(run, "attack", progress),
     )
     tuner.fit()
+    held = report_busy(progress, "attack", res.cpu, out)
     for cell in todo:
         hit = find_attacked(tracker, cell.key)
         if hit is None:
@@ -213,6 +237,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> None:
                 f"attacked model {cell.key} was not trained (see the failed attack run in MLflow)"
             )
         run.attacked[cell.key] = hit
+    return held
 
 
 def _indexed(fn: Callable[[dict], None]) -> Callable[..., None]:
@@ -239,7 +264,8 @@ def _run_config(run: SweepRun, phase: str, progress: Any) -> Any:
 # --- phase 2 ---------------------------------------------------------------------------------------
 
 
-def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
+def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
+    """Run every defense cell's trials; return the CPU-seconds they held."""
     from bdlab.designs import subset_seed
     from bdlab.studies import CellSearcher, open_study, study_name
     from bdlab.worker import open_trial_run
@@ -320,7 +346,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
     kept = sum(s.asked - len(s.resume) for s in searcher.states)
     out(f"[defense] {len(cells)} cells, {kept} trials kept from earlier runs, {total} to run")
     if total == 0:
-        return
+        return 0.0
     from ray import tune
 
     from bdlab.progress import PhaseProgress
@@ -345,6 +371,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> None:
         run_config=_run_config(run, "defense", progress),
     )
     tuner.fit()
+    return report_busy(progress, "defense", res.cpu, out)
 
 
 class FrontTracker:
