@@ -55,6 +55,40 @@ def test_context_report_adds_monitoring_and_keeps_mode():
     assert model.training
 
 
+def test_validation_monitor_keeps_its_share_of_the_run_and_looks_first(tiny_attacked):
+    from trials.metrics import build_eval_set, evaluate
+    from trials.run.defense import ValidationMonitor
+
+    held = tiny_attacked.data
+    val_set = build_eval_set(held.val_x, held.val_y, tiny_attacked.attack)
+    assert val_set.amplified  # a patch trigger: the full evaluation stamps the amplified layouts too
+    now = [0.0]
+
+    class Clocked(torch.nn.Module):  # each batch the model sees advances the clock by 0.5 s
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            now[0] += 0.5
+            return self.model(x)
+
+    model = Clocked(tiny_attacked.model)
+    monitor = ValidationMonitor(val_set, share=0.1, clock=lambda: now[0])
+    first = monitor(model)  # the first look always happens: clean + triggered images, 1 s
+    full = evaluate(tiny_attacked.model, val_set)
+    assert first == {"val_acc": full["acc"], "val_asr": full["asr"]}
+    assert monitor.spent == 1.0 and monitor.looks == 1  # two passes, not five (no amplified layouts)
+    now[0] = 5.0
+    assert monitor(model) == {}  # 1 s of 5 spent looking: over 10 %, skipped
+    now[0] = 10.0
+    assert monitor(model) == first and monitor.looks == 2  # 1 s of 10: not over 10 %, look
+    assert now[0] == 11.0 and monitor.spent == 2.0
+    assert monitor(model) == {}  # 2 s of 11
+    now[0] = 20.0
+    assert monitor(model) == first and monitor.looks == 3  # 2 s of 20
+
+
 def test_logit_comparing_erasers_train_in_fp32_by_default():
     """Issue 12: DHBE (L1 of nearly equal logits), BCU (distillation) and PBE (logit similarity)
     train in float32 on CUDA unless the trial asks for bf16; the others under bf16 autocast, except
