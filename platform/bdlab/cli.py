@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--results", default="results", help="results folder (default: ./results)")
     ui.add_argument("--port", type=int, default=5000)
 
+    cluster = sub.add_parser("cluster", help="work with Ray cluster launcher files (cluster.yaml)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=OneLineParser)
+    check = cluster_sub.add_parser(
+        "check", help="validate a cluster file offline: Ray's schema and the platform's rules"
+    )
+    check.add_argument(
+        "file", nargs="?", default="cluster.yaml", help="the cluster file (default: cluster.yaml)"
+    )
+
     lst = sub.add_parser(
         "list", help="print every registered dataset, model, attack and defense, and a sweep spec's settings"
     )
@@ -312,7 +321,7 @@ def _format_sweep_settings() -> str:
         ("resources.attack", TrialResources),
         ("resources.defense", TrialResources),
         ("failure", FailurePolicy),
-        ("defenses[].study (a study cell, docs/spec.md \"Studies\")", StudyDesign),
+        ('defenses[].study (a study cell, docs/spec.md "Studies")', StudyDesign),
     ):
         lines.append(f"  {key}")
         lines.extend(format_params(describe(cls)))
@@ -419,6 +428,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from bdlab.cluster import ClusterFileError, check_cluster_file
+
+    try:
+        config = check_cluster_file(args.file)
+    except ClusterFileError as err:
+        for line in str(err).splitlines():
+            print(f"bdlab: error: {line}", file=sys.stderr)
+        return 2
+    provider = config.get("provider", {}).get("type")
+    print(f"{args.file}: a valid cluster file ({provider} provider, Ray's schema and the platform's rules)")
+    return 0
+
+
 COMMANDS = {
     "attack": cmd_attack,
     "defend": cmd_defend,
@@ -429,6 +452,7 @@ COMMANDS = {
     "export": cmd_export,
     "report": cmd_report,
     "ui": cmd_ui,
+    "cluster": cmd_cluster,
 }
 
 if __name__ == "__main__":
