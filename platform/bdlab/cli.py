@@ -159,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
         "file", nargs="?", default="cluster.yaml", help="the cluster file (default: cluster.yaml)"
     )
 
+    server = sub.add_parser("server", help="the team's tracking service: PostgreSQL + MLflow with authentication")
+    server_sub = server.add_subparsers(dest="server_command", required=True, parser_class=OneLineParser)
+    s_start = server_sub.add_parser(
+        "start",
+        help="start it (idempotent); secrets from MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY, "
+        "BDLAB_DB_PASSWORD",
+    )
+    s_start.add_argument("--root", required=True, help="folder of its state, database and artifacts")
+    s_start.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    s_start.add_argument("--port", type=int, default=5000)
+    s_start.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
+    s_start.add_argument(
+        "--postgres-url", default=None, help="postgresql://bdlab@HOST:PORT of an existing server (default: its own)"
+    )
+    s_start.add_argument("--pg-user", default=None, help="user to run its own PostgreSQL as, when we are root")
+    for name, text in (("stop", "stop it (and its own PostgreSQL)"), ("status", "print whether it runs, its URIs")):
+        p = server_sub.add_parser(name, help=text)
+        p.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
+        p.add_argument("--pg-user", default=None, help=argparse.SUPPRESS)
+
     lst = sub.add_parser(
         "list", help="print every registered dataset, model, attack and defense, and a sweep spec's settings"
     )
@@ -442,6 +462,28 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from bdlab import service
+    from trials.errors import InvalidValue
+
+    if args.server_command == "start":
+        if not 1 <= args.workers <= 16:
+            raise InvalidValue("--workers", args.workers, "an integer from 1 to 16")
+        state = service.start(args.root, args.host, args.port, args.postgres_url, args.workers, args.pg_user)
+        running = True
+    elif args.server_command == "stop":
+        was = service.stop(args.root, args.pg_user)
+        print(f"stopped the tracking service under {args.root}" if was else f"nothing was running under {args.root}")
+        return 0
+    else:
+        state, running = service.status(args.root)
+    print(f"tracking service under {args.root}: {'running' if running else 'stopped'}")
+    print(f"  MLFLOW_TRACKING_URI={state.tracking_uri}  (log in with MLFLOW_TRACKING_USERNAME/PASSWORD)")
+    print(f"  --optuna-storage {state.optuna_url()}")
+    print(f"  PostgreSQL {state.postgres} ({'its own' if state.managed_postgres else 'external'})")
+    return 0 if running else 1
+
+
 COMMANDS = {
     "attack": cmd_attack,
     "defend": cmd_defend,
@@ -453,6 +495,7 @@ COMMANDS = {
     "report": cmd_report,
     "ui": cmd_ui,
     "cluster": cmd_cluster,
+    "server": cmd_server,
 }
 
 if __name__ == "__main__":
