@@ -52,6 +52,13 @@ def call(url: str, path: str, auth: str | None = None, data: dict | None = None)
         return err.code
 
 
+def request_json(url: str, path: str, auth: str) -> dict:
+    request = urllib.request.Request(url + path)
+    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=20) as response:
+        return json.loads(response.read())
+
+
 @pytest.fixture(scope="module")
 def service_root(tmp_path_factory):
     from bdlab.servers import free_port
@@ -97,6 +104,72 @@ def test_start_again_is_idempotent_and_data_survive_a_stop(service_root):
     restarted = bdlab("server", "start", "--root", str(root), "--port", url.rsplit(":", 1)[1])
     assert restarted.returncode == 0, restarted.stderr
     assert call(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=survives", admin) == 200
+
+
+def test_a_reader_browses_and_cannot_write_a_writer_writes(service_root):
+    root, url, _ = service_root
+    users = {"ann": ("reader", "ann-password-12345"), "bob": ("writer", "bob-password-12345")}
+    for name, (role, password) in users.items():
+        added = bdlab(
+            "server",
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+            "--root",
+            str(root),
+            env={"BDLAB_USER_PASSWORD": password},
+        )
+        assert added.returncode == 0, added.stderr
+    search = "/api/2.0/mlflow/experiments/search?max_results=5"
+    bob, ann = "bob:bob-password-12345", "ann:ann-password-12345"
+    assert call(url, "/api/2.0/mlflow/experiments/create", bob, {"name": "team-sweep"}) == 200
+    experiment = request_json(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=team-sweep", ann)
+    team = experiment["experiment"]["experiment_id"]
+    assert call(url, search, ann) == 200  # a reader browses the team's experiments
+    # ... and cannot write into them (MLflow lets every login create experiments of its own)
+    assert call(url, "/api/2.0/mlflow/runs/create", ann, {"experiment_id": team}) == 403
+    assert call(url, "/api/2.0/mlflow/runs/create", bob, {"experiment_id": team}) == 200
+    # a writer writes into experiments other members created (the shared attacked-model cache)
+    assert (
+        call(url, "/api/2.0/mlflow/experiments/create", f"admin:{ADMIN_PASSWORD}", {"name": "shared"}) == 200
+    )
+    shared = request_json(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=shared", bob)
+    assert (
+        call(
+            url, "/api/2.0/mlflow/runs/create", bob, {"experiment_id": shared["experiment"]["experiment_id"]}
+        )
+        == 200
+    )
+    assert call(url, search, "ann:wrong-password-123") == 401
+    again = bdlab(
+        "server",
+        "user",
+        "add",
+        "ann",
+        "--role",
+        "reader",
+        "--root",
+        str(root),
+        env={"BDLAB_USER_PASSWORD": "x" * 12},
+    )
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    short = bdlab(
+        "server",
+        "user",
+        "add",
+        "cid",
+        "--role",
+        "reader",
+        "--root",
+        str(root),
+        env={"BDLAB_USER_PASSWORD": "short"},
+    )
+    assert (
+        short.stderr.strip()
+        == "bdlab: error: BDLAB_USER_PASSWORD: not set or shorter than 12 characters (MLflow refuses it)"
+    )
 
 
 @pytest.mark.parametrize(

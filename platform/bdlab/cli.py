@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--postgres-url", default=None, help="postgresql://bdlab@HOST:PORT of an existing server (default: its own)"
     )
     s_start.add_argument("--pg-user", default=None, help="user to run its own PostgreSQL as, when we are root")
+    s_user = server_sub.add_parser("user", help="team members' MLflow logins")
+    s_user_sub = s_user.add_subparsers(dest="user_command", required=True, parser_class=OneLineParser)
+    s_add = s_user_sub.add_parser(
+        "add", help="add a login; its password from BDLAB_USER_PASSWORD, the admin's from MLFLOW_AUTH_ADMIN_PASSWORD"
+    )
+    s_add.add_argument("name")
+    s_add.add_argument("--role", required=True, choices=["reader", "writer"])
+    s_add.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
     for name, text in (("stop", "stop it (and its own PostgreSQL)"), ("status", "print whether it runs, its URIs")):
         p = server_sub.add_parser(name, help=text)
         p.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
@@ -471,6 +479,10 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise InvalidValue("--workers", args.workers, "an integer from 1 to 16")
         state = service.start(args.root, args.host, args.port, args.postgres_url, args.workers, args.pg_user)
         running = True
+    elif args.server_command == "user":
+        service.add_user(args.root, args.name, args.role)
+        print(f"added {args.role} {args.name} to the tracking service under {args.root}")
+        return 0
     elif args.server_command == "stop":
         was = service.stop(args.root, args.pg_user)
         print(f"stopped the tracking service under {args.root}" if was else f"nothing was running under {args.root}")

@@ -191,7 +191,7 @@ def start(
     _write_private(
         auth_ini,
         "[mlflow]\n"
-        "default_permission = NO_PERMISSIONS\n"
+        "default_permission = READ\n"
         f"database_uri = {_db_url(postgres, password, 'mlflow_auth')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
@@ -301,3 +301,54 @@ def status(root: str | Path) -> tuple[ServiceState, bool]:
     if state is None:
         raise ServiceError(f"--root: {str(root)!r} holds no tracking service (no service.json)")
     return state, _alive(state.pid) and healthy(state.tracking_uri)
+
+
+ROLES = ("reader", "writer")
+
+
+def add_user(root: str | Path, name: str, role: str) -> None:
+    """A team member's MLflow login, password from BDLAB_USER_PASSWORD. A reader browses every
+    experiment (the service's default permission is READ) and cannot write into any it did not
+    create (MLflow lets every login create experiments of its own). A writer is an MLflow admin,
+    because sweeps write into experiments other members created (the shared attacked-model cache)
+    and MLflow 3.17 has no group to grant EDIT to; admins can also manage logins."""
+    if role not in ROLES:
+        raise ServiceError(f"--role: {role!r} is not allowed; reader or writer")
+    password = os.environ.get("BDLAB_USER_PASSWORD", "")
+    if len(password) < 12:
+        raise ServiceError("BDLAB_USER_PASSWORD: not set or shorter than 12 characters (MLflow refuses it)")
+    admin_password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+    if not admin_password:
+        raise ServiceError("environment: MLFLOW_AUTH_ADMIN_PASSWORD not set (the admin adds users)")
+    state, running = status(root)
+    if not running:
+        raise ServiceError(f"--root: the tracking service under {root} is not running (bdlab server start)")
+    _admin_call(
+        state.tracking_uri,
+        "/api/2.0/mlflow/users/create",
+        {"username": name, "password": password},
+        admin_password,
+    )
+    if role == "writer":
+        _admin_call(
+            state.tracking_uri,
+            "/api/2.0/mlflow/users/update-admin",
+            {"username": name, "is_admin": True},
+            admin_password,
+            method="PATCH",
+        )
+
+
+def _admin_call(url: str, path: str, body: dict, admin_password: str, method: str = "POST") -> None:
+    import base64
+
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method)
+    request.add_header("Content-Type", "application/json")
+    token = base64.b64encode(f"{ADMIN}:{admin_password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            return
+    except urllib.error.HTTPError as err:
+        detail = " ".join(err.read().decode(errors="replace").split())[:300]
+        raise ServiceError(f"{url}{path}: HTTP {err.code} ({detail})") from None
