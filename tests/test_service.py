@@ -88,6 +88,11 @@ def test_start_prints_the_uris_and_the_server_authenticates(service_root):
     state = json.loads((root / "service.json").read_text())
     assert SECRETS["BDLAB_DB_PASSWORD"] not in json.dumps(state)
     assert oct((root / "auth.ini").stat().st_mode & 0o777) == "0o600"
+    # nor on the server's command line, which every local user can read (ps)
+    pid = state["pid"]
+    assert SECRETS["BDLAB_DB_PASSWORD"] not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
+        errors="replace"
+    )
 
 
 def test_start_again_is_idempotent_and_data_survive_a_stop(service_root):

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from bdlab.postgres import DATABASES, MAX_CONNECTIONS, LocalPostgres, default_user, import_driver
-from bdlab.servers import free_port
+from bdlab.servers import free_port, server_command, server_env
 from trials.errors import BdlabError
 
 REQUIRED_ENV = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "BDLAB_DB_PASSWORD")
@@ -197,31 +196,13 @@ def start(
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
     )
     (root / "artifacts").mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = server_env()  # no tracking URI of ours, no MLflow job runner
     env.update(pool_settings(workers))
-    env.update(
-        MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--app-name",
-        "basic-auth",
-        "--backend-store-uri",
-        _db_url(postgres, password, "mlflow"),
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--serve-artifacts",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
+    env["MLFLOW_BACKEND_STORE_URI"] = _db_url(postgres, password, "mlflow")  # not on the command line
+    # basic authentication, and artifacts proxied (MLflow 3's default, said explicitly)
+    command = server_command(None, root / "artifacts", host, port, workers)
+    command += ["--app-name", "basic-auth", "--serve-artifacts"]
     log = open(root / "mlflow.log", "ab")  # noqa: SIM115 (the server keeps it)
     proc = subprocess.Popen(
         command,
