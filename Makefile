@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,docs]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,docs,cluster]'
 	touch $(STAMP)
 
 # The main job: the quickstart sweep (search_spaces/quickstart.yaml) on the bundled digits, results in

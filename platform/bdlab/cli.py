@@ -150,6 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--results", default="results", help="results folder (default: ./results)")
     ui.add_argument("--port", type=int, default=5000)
 
+    cluster = sub.add_parser("cluster", help="work with Ray cluster launcher files (cluster.yaml)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=OneLineParser)
+    check = cluster_sub.add_parser(
+        "check", help="validate a cluster file offline: Ray's schema and the platform's rules"
+    )
+    check.add_argument(
+        "file", nargs="?", default="cluster.yaml", help="the cluster file (default: cluster.yaml)"
+    )
+
+    server = sub.add_parser("server", help="the team's tracking service: PostgreSQL + MLflow with authentication")
+    server_sub = server.add_subparsers(dest="server_command", required=True, parser_class=OneLineParser)
+    s_start = server_sub.add_parser(
+        "start",
+        help="start it (idempotent); secrets from MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY, "
+        "BDLAB_DB_PASSWORD",
+    )
+    s_start.add_argument("--root", required=True, help="folder of its state, database and artifacts")
+    s_start.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    s_start.add_argument("--port", type=int, default=5000)
+    s_start.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
+    s_start.add_argument(
+        "--postgres-url", default=None, help="postgresql://bdlab@HOST:PORT of an existing server (default: its own)"
+    )
+    s_start.add_argument("--pg-user", default=None, help="user to run its own PostgreSQL as, when we are root")
+    s_user = server_sub.add_parser("user", help="team members' MLflow logins")
+    s_user_sub = s_user.add_subparsers(dest="user_command", required=True, parser_class=OneLineParser)
+    s_add = s_user_sub.add_parser(
+        "add", help="add a login; its password from BDLAB_USER_PASSWORD, the admin's from MLFLOW_AUTH_ADMIN_PASSWORD"
+    )
+    s_add.add_argument("name")
+    s_add.add_argument("--role", required=True, choices=["reader", "writer"])
+    s_add.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
+    for name, text in (("stop", "stop it (and its own PostgreSQL)"), ("status", "print whether it runs, its URIs")):
+        p = server_sub.add_parser(name, help=text)
+        p.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
+        p.add_argument("--pg-user", default=None, help=argparse.SUPPRESS)
+
     lst = sub.add_parser(
         "list", help="print every registered dataset, model, attack and defense, and a sweep spec's settings"
     )
@@ -312,7 +349,7 @@ def _format_sweep_settings() -> str:
         ("resources.attack", TrialResources),
         ("resources.defense", TrialResources),
         ("failure", FailurePolicy),
-        ("defenses[].study (a study cell, docs/spec.md \"Studies\")", StudyDesign),
+        ('defenses[].study (a study cell, docs/spec.md "Studies")', StudyDesign),
     ):
         lines.append(f"  {key}")
         lines.extend(format_params(describe(cls)))
@@ -419,6 +456,46 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from bdlab.cluster import ClusterFileError, check_cluster_file
+
+    try:
+        config = check_cluster_file(args.file)
+    except ClusterFileError as err:
+        for line in str(err).splitlines():
+            print(f"bdlab: error: {line}", file=sys.stderr)
+        return 2
+    provider = config.get("provider", {}).get("type")
+    print(f"{args.file}: a valid cluster file ({provider} provider, Ray's schema and the platform's rules)")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from bdlab import service
+    from trials.errors import InvalidValue
+
+    if args.server_command == "start":
+        if not 1 <= args.workers <= 16:
+            raise InvalidValue("--workers", args.workers, "an integer from 1 to 16")
+        state = service.start(args.root, args.host, args.port, args.postgres_url, args.workers, args.pg_user)
+        running = True
+    elif args.server_command == "user":
+        service.add_user(args.root, args.name, args.role)
+        print(f"added {args.role} {args.name} to the tracking service under {args.root}")
+        return 0
+    elif args.server_command == "stop":
+        was = service.stop(args.root, args.pg_user)
+        print(f"stopped the tracking service under {args.root}" if was else f"nothing was running under {args.root}")
+        return 0
+    else:
+        state, running = service.status(args.root)
+    print(f"tracking service under {args.root}: {'running' if running else 'stopped'}")
+    print(f"  MLFLOW_TRACKING_URI={state.tracking_uri}  (log in with MLFLOW_TRACKING_USERNAME/PASSWORD)")
+    print(f"  --optuna-storage {state.optuna_url()}")
+    print(f"  PostgreSQL {state.postgres} ({'its own' if state.managed_postgres else 'external'})")
+    return 0 if running else 1
+
+
 COMMANDS = {
     "attack": cmd_attack,
     "defend": cmd_defend,
@@ -429,6 +506,8 @@ COMMANDS = {
     "export": cmd_export,
     "report": cmd_report,
     "ui": cmd_ui,
+    "cluster": cmd_cluster,
+    "server": cmd_server,
 }
 
 if __name__ == "__main__":

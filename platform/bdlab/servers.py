@@ -35,15 +35,17 @@ def server_env() -> dict[str, str]:
 
 
 def server_command(
-    backend_uri: str, artifacts_dir: str | Path, host: str, port: int, workers: int = 1
+    backend_uri: str | None, artifacts_dir: str | Path, host: str, port: int, workers: int = 1
 ) -> list[str]:
+    """`mlflow server`'s command line; with `backend_uri` None the server reads it from
+    MLFLOW_BACKEND_STORE_URI (a URI with a password stays out of the process list)."""
+    store = ["--backend-store-uri", backend_uri] if backend_uri is not None else []
     return [
         sys.executable,
         "-m",
         "mlflow",
         "server",
-        "--backend-store-uri",
-        backend_uri,
+        *store,
         "--artifacts-destination",
         str(artifacts_dir),
         "--host",
