@@ -98,6 +98,17 @@ def read_state(root: str | Path) -> ServiceState | None:
     return ServiceState(**json.loads(path.read_text()))
 
 
+def _existing_state(root: Path) -> ServiceState:
+    state = read_state(root)
+    if state is None:
+        raise ServiceError(f"--root: {str(root)!r} holds no tracking service (no service.json)")
+    return state
+
+
+def _save_state(root: Path, state: ServiceState) -> None:
+    _write_private(_state_file(root), json.dumps(asdict(state), indent=2))
+
+
 def _write_private(path: Path, text: str) -> None:
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
@@ -214,7 +225,7 @@ def start(
     )
     log.close()
     state.pid = proc.pid
-    _write_private(_state_file(root), json.dumps(asdict(state), indent=2))
+    _save_state(root, state)
     deadline = time.monotonic() + timeout_s
     while not healthy(state.tracking_uri):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -262,9 +273,7 @@ def _terminate(pid: int | None, grace_s: float = 15) -> None:
 def stop(root: str | Path, pg_user: str | None = None) -> bool:
     """Stop the MLflow server and, if the service owns it, PostgreSQL. False when nothing ran."""
     root = Path(root).resolve()
-    state = read_state(root)
-    if state is None:
-        raise ServiceError(f"--root: {str(root)!r} holds no tracking service (no service.json)")
+    state = _existing_state(root)
     was_running = _alive(state.pid)
     _terminate(state.pid)
     if state.managed_postgres:
@@ -272,15 +281,13 @@ def stop(root: str | Path, pg_user: str | None = None) -> bool:
         was_running = was_running or pg.running()
         pg.stop()
     state.pid = None
-    _write_private(_state_file(root), json.dumps(asdict(state), indent=2))
+    _save_state(root, state)
     return was_running
 
 
 def status(root: str | Path) -> tuple[ServiceState, bool]:
     root = Path(root).resolve()
-    state = read_state(root)
-    if state is None:
-        raise ServiceError(f"--root: {str(root)!r} holds no tracking service (no service.json)")
+    state = _existing_state(root)
     return state, _alive(state.pid) and healthy(state.tracking_uri)
 
 
