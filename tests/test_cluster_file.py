@@ -120,7 +120,7 @@ def test_token_auth_tracking_service_and_dashboard(tmp_path):
     path = _broken(tmp_path, "cluster-onprem.yaml", change)
     problems = [p.removeprefix(f"{path}: ") for p in _problems(path)]
     assert [p.split(":")[0] for p in problems] == [
-        "head_start_ray_commands[1]",
+        "head_start_ray_commands[2]",  # after the server's start and the workers' login
         "head_start_ray_commands",
         "initialization_commands",
         "file_mounts",
@@ -158,3 +158,29 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just text\n")
     assert _problems(scalar) == [f"{scalar}: expected a mapping of Ray cluster settings"]
+
+
+def test_cluster_secrets_prints_a_fresh_env_file_the_head_reads():
+    def env_file() -> dict[str, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "bdlab.cli", "cluster", "secrets"], capture_output=True, text=True, check=True
+        )
+        lines = [line for line in done.stdout.splitlines() if line and not line.startswith("#")]
+        return dict(line.split("=", 1) for line in lines)
+
+    first, second = env_file(), env_file()
+    assert list(first) == [
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "BDLAB_DB_PASSWORD",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ]
+    secrets = [k for k in first if k != "MLFLOW_TRACKING_USERNAME"]
+    assert all(len(first[k]) >= 24 and first[k] != second[k] for k in secrets)  # random, and MLflow's 12+
+    # the head's start commands read the workers' login from it and add it as a writer
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert any(
+        'BDLAB_USER_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in c and "--role writer --exist-ok" in c
+        for c in config["head_start_ray_commands"]
+    )

@@ -59,19 +59,41 @@ def request_json(url: str, path: str, auth: str) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def service_root(tmp_path_factory):
-    from bdlab.servers import free_port
-
-    root = tmp_path_factory.mktemp("service")
+def start_service(root: Path, port: int, *options: str) -> subprocess.CompletedProcess:
+    """`bdlab server start` under `root` (made reachable for PostgreSQL's own user when we are root)."""
     if os.getuid() == 0:  # PostgreSQL runs as `postgres`, which must reach the folder
         for parent in [root, *root.parents]:
             if parent == Path("/"):
                 break
             parent.chmod(parent.stat().st_mode | 0o011)
-    port = free_port()
-    started = bdlab("server", "start", "--root", str(root), "--port", str(port))
+    started = bdlab("server", "start", "--root", str(root), "--port", str(port), *options)
     assert started.returncode == 0, started.stderr
+    return started
+
+
+def add_user(root: Path, name: str, role: str, password: str, *options: str) -> subprocess.CompletedProcess:
+    """`bdlab server user add`, its password in BDLAB_USER_PASSWORD."""
+    return bdlab(
+        "server",
+        "user",
+        "add",
+        name,
+        "--role",
+        role,
+        *options,
+        "--root",
+        str(root),
+        env={"BDLAB_USER_PASSWORD": password},
+    )
+
+
+@pytest.fixture(scope="module")
+def service_root(tmp_path_factory):
+    from bdlab.servers import free_port
+
+    root = tmp_path_factory.mktemp("service")
+    port = free_port()
+    started = start_service(root, port)
     yield root, f"http://127.0.0.1:{port}", started.stdout
     bdlab("server", "stop", "--root", str(root))
 
@@ -115,17 +137,7 @@ def test_a_reader_browses_and_cannot_write_a_writer_writes(service_root):
     root, url, _ = service_root
     users = {"ann": ("reader", "ann-password-12345"), "bob": ("writer", "bob-password-12345")}
     for name, (role, password) in users.items():
-        added = bdlab(
-            "server",
-            "user",
-            "add",
-            name,
-            "--role",
-            role,
-            "--root",
-            str(root),
-            env={"BDLAB_USER_PASSWORD": password},
-        )
+        added = add_user(root, name, role, password)
         assert added.returncode == 0, added.stderr
     search = "/api/2.0/mlflow/experiments/search?max_results=5"
     bob, ann = "bob:bob-password-12345", "ann:ann-password-12345"
@@ -148,29 +160,13 @@ def test_a_reader_browses_and_cannot_write_a_writer_writes(service_root):
         == 200
     )
     assert call(url, search, "ann:wrong-password-123") == 401
-    again = bdlab(
-        "server",
-        "user",
-        "add",
-        "ann",
-        "--role",
-        "reader",
-        "--root",
-        str(root),
-        env={"BDLAB_USER_PASSWORD": "x" * 12},
-    )
+    again = add_user(root, "ann", "reader", "x" * 12)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
-    short = bdlab(
-        "server",
-        "user",
-        "add",
-        "cid",
-        "--role",
-        "reader",
-        "--root",
-        str(root),
-        env={"BDLAB_USER_PASSWORD": "short"},
-    )
+    # ... unless asked to update it (the head's start commands re-add the workers' login)
+    updated = add_user(root, "ann", "writer", "ann-new-password-1", "--exist-ok")
+    assert updated.returncode == 0, updated.stderr
+    assert call(url, "/api/2.0/mlflow/runs/create", "ann:ann-new-password-1", {"experiment_id": team}) == 200
+    short = add_user(root, "cid", "reader", "short")
     assert (
         short.stderr.strip()
         == "bdlab: error: BDLAB_USER_PASSWORD: not set or shorter than 12 characters (MLflow refuses it)"

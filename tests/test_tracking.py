@@ -95,6 +95,75 @@ def test_a_servers_experiments_keep_artifacts_behind_its_proxy(server_store):
     assert tracker.artifact_location(exp).startswith("mlflow-artifacts:")
 
 
+def test_experiments_open_on_the_runs_table_with_the_objectives_as_columns(local_store):
+    import json
+
+    tracker = local_store.tracker()
+    older = tracker.experiment_id(unique("bdlab/older"))  # made before the tags existed
+    tags = schema.experiment_tags({"acc": "max", "asr": "min"})
+    for exp in (
+        tracker.experiment_id(unique("bdlab/new"), tags),
+        tracker.experiment_id(tracker.client.get_experiment(older).name, tags),
+    ):
+        held = tracker.client.get_experiment(exp).tags
+        assert held[schema.EXPERIMENT_KIND] == "custom_model_development"
+        envelope = json.loads(held["mlflow.sharedViewState.bdlab-results"])
+        assert envelope["name"] == "bdlab: results" and isinstance(envelope["createdAt"], int)
+        assert json.loads(envelope["state"]) == {
+            "orderByKey": "metrics.`val_acc`",
+            "orderByAsc": False,
+            "selectedColumns": [
+                "metrics.`acc`",
+                "metrics.`asr`",
+                "metrics.`val_acc`",
+                "metrics.`val_asr`",
+                "tags.`bdlab.defense`",
+                "tags.`bdlab.cell`",
+                "tags.`bdlab.status`",
+            ],
+        }
+    minimize_first = json.loads(
+        json.loads(schema.experiment_tags({"asr": "min"})[schema.SAVED_VIEW_PREFIX + "bdlab-results"])[
+            "state"
+        ]
+    )
+    assert minimize_first["orderByKey"] == "metrics.`val_asr`" and minimize_first["orderByAsc"] is True
+    assert schema.experiment_tags() == {schema.EXPERIMENT_KIND: "custom_model_development"}
+
+
+def test_a_loopback_server_is_named_by_the_address_other_nodes_reach(tmp_path):
+    server = Store(tmp_path, "http://127.0.0.1:5000", "sqlite:///x", None)
+    assert server.is_loopback and not server.at_host("10.0.0.5").is_loopback
+    assert server.at_host("10.0.0.5").tracking_uri == "http://10.0.0.5:5000"
+    assert (
+        Store(tmp_path, "http://localhost", "sqlite:///x", None).at_host("10.0.0.5").tracking_uri
+        == "http://10.0.0.5"
+    )
+    assert not Store(tmp_path, "http://10.0.0.5:5000", "sqlite:///x", None).is_loopback
+    assert not Store(tmp_path, "sqlite:////r/mlflow.db", "sqlite:///x", None).is_loopback
+
+
+def test_a_servers_refusal_is_one_line_naming_the_server_and_the_login(monkeypatch):
+    from bdlab.tracking.mlflow_tracker import access_error
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, UNAUTHENTICATED
+
+    url = "http://10.0.0.5:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    anonymous = access_error(MlflowException("401", error_code=UNAUTHENTICATED), url)
+    assert str(anonymous) == (
+        f"tracking server {url}: needs a login; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (HTTP 401)"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    wrong = access_error(MlflowException("401", error_code=UNAUTHENTICATED), url)
+    assert str(wrong).startswith(f"tracking server {url}: refused the login of 'ann' (HTTP 401")
+    reader = access_error(MlflowException("403", error_code=PERMISSION_DENIED), url)
+    assert str(reader).startswith(f"tracking server {url}: 'ann' may not write there (HTTP 403")
+    assert "\n" not in str(reader)
+    assert access_error(MlflowException("404", error_code=RESOURCE_DOES_NOT_EXIST), url) is None
+    assert access_error(ValueError("not MLflow's"), url) is None
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
@@ -149,7 +218,12 @@ def test_code_version_over_files(tmp_path):
     assert len(default) == 16 and cache.code_version() == default
     assert cache.code_version(cache.CODE_VERSION_FILES, cache._source_root()) == default
     rel = {p.as_posix() for p in cache.code_files()}
-    assert {"trials/run/attack.py", "trials/training.py", "trials/metrics.py", "trials/attacks/badnets.py"} <= rel
+    assert {
+        "trials/run/attack.py",
+        "trials/training.py",
+        "trials/metrics.py",
+        "trials/attacks/badnets.py",
+    } <= rel
     assert not any("__pycache__" in p or "defenses" in p for p in rel)
 
     (tmp_path / "trials" / "models" / "__pycache__").mkdir(parents=True)
@@ -398,9 +472,7 @@ def test_a_dead_drivers_lease_is_taken_over(local_store):
 
     # on another host: refused while it sends heartbeats, taken over after stale_s of silence
     sweep = unique("sweep")
-    recent = _lease_run(
-        store, sweep, **{schema.HOST: "node-7", schema.HEARTBEAT: f"{time.time() - 35:.0f}"}
-    )
+    recent = _lease_run(store, sweep, **{schema.HOST: "node-7", schema.HEARTBEAT: f"{time.time() - 35:.0f}"})
     with pytest.raises(claims.SweepBusy, match=r"host node-7, pid \d+, last heartbeat \d+ s ago") as busy:
         with claims.driver_lease(store, sweep, stale_s=120):
             pass

@@ -121,7 +121,7 @@ def cache_key(identity: Mapping[str, Any], device_kind: str | None = None) -> st
 
 def find_attacked(tracker: Tracker, key: str) -> str | None:
     """The run id of a FINISHED attack run with this key (the oldest, if several), or None."""
-    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT, schema.experiment_tags())
     runs = tracker.find_runs([experiment], {schema.CACHE_KEY: key}, ("FINISHED",))
     return runs[-1].run_id if runs else None
 
@@ -138,7 +138,7 @@ def claim_attacked(
     """(run id, True) when this caller must train the attacked model `key` into the returned run;
     (run id of the finished model, False) when it exists or another process trained it meanwhile.
     Raises ClaimTimeout after `wait_s` seconds of waiting for another process."""
-    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT, schema.experiment_tags())
     deadline = time.monotonic() + wait_s
     while True:
         found = find_attacked(tracker, key)
@@ -167,7 +167,7 @@ def _wait_for_claims(
     tracker: Tracker, key: str, deadline: float, poll_s: float, stale_s: float
 ) -> str | None:
     """Poll until a run with `key` finishes (its id) or no live claim is left (None)."""
-    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.ATTACK_EXPERIMENT, schema.experiment_tags())
     while True:
         finished, live = claims(tracker, experiment, {schema.CACHE_KEY: key}, stale_s, statuses=LISTED)
         if finished:

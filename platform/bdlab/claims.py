@@ -176,7 +176,7 @@ def driver_lease(tracker: Tracker, sweep: str, stale_s: float = 120.0, beat_s: f
     Two drivers on one sweep would both take over its RUNNING trials and run them twice; the second
     one raises SweepBusy instead, naming the holder. A driver killed without releasing its lease is
     replaced at once on its own host and after `stale_s` seconds of silence from any other."""
-    experiment = tracker.experiment_id(schema.DRIVER_EXPERIMENT)
+    experiment = tracker.experiment_id(schema.DRIVER_EXPERIMENT, schema.experiment_tags())
     match = {schema.KIND: "driver", schema.SWEEP: sweep}
     me = tracker.create_run(experiment, f"driver of {sweep}", tags={**match, **claim_tags()})
     try:

@@ -7,6 +7,7 @@ traceback; everything heavy is imported inside the subcommands so `bdlab --help`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a new generation of every study (attacked models stay cached)",
     )
+    sweep.add_argument(
+        "--checkpoints",
+        default=os.environ.get("BDLAB_CHECKPOINTS"),
+        help="where long defense trials checkpoint, so a trial moved to another node resumes: a folder "
+        "every node mounts, or s3://BUCKET/PREFIX (default: BDLAB_CHECKPOINTS, else the results folder)",
+    )
 
     export = sub.add_parser("export", help="write a sweep's trials as one Parquet table")
     export.add_argument("sweep", help="the sweep's name (its spec's `name`)")
@@ -158,8 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "file", nargs="?", default="cluster.yaml", help="the cluster file (default: cluster.yaml)"
     )
+    cluster_sub.add_parser(
+        "secrets",
+        help="print a new env file for ~/.bdlab/cluster.env: random server secrets and the workers' login",
+    )
 
-    server = sub.add_parser("server", help="the team's tracking service: PostgreSQL + MLflow with authentication")
+    server = sub.add_parser(
+        "server", help="the team's tracking service: PostgreSQL + MLflow with authentication"
+    )
     server_sub = server.add_subparsers(dest="server_command", required=True, parser_class=OneLineParser)
     s_start = server_sub.add_parser(
         "start",
@@ -171,21 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     s_start.add_argument("--port", type=int, default=5000)
     s_start.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
     s_start.add_argument(
-        "--postgres-url", default=None, help="postgresql://bdlab@HOST:PORT of an existing server (default: its own)"
+        "--postgres-url",
+        default=None,
+        help="postgresql://bdlab@HOST:PORT of an existing server (default: its own)",
     )
-    s_start.add_argument("--pg-user", default=None, help="user to run its own PostgreSQL as, when we are root")
+    s_start.add_argument(
+        "--pg-user", default=None, help="user to run its own PostgreSQL as, when we are root"
+    )
     s_user = server_sub.add_parser("user", help="team members' MLflow logins")
     s_user_sub = s_user.add_subparsers(dest="user_command", required=True, parser_class=OneLineParser)
     s_add = s_user_sub.add_parser(
-        "add", help="add a login; its password from BDLAB_USER_PASSWORD, the admin's from MLFLOW_AUTH_ADMIN_PASSWORD"
+        "add",
+        help="add a login; its password from BDLAB_USER_PASSWORD, the admin's from MLFLOW_AUTH_ADMIN_PASSWORD",
     )
     s_add.add_argument("name")
     s_add.add_argument("--role", required=True, choices=["reader", "writer"])
     s_add.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
-    for name, text in (("stop", "stop it (and its own PostgreSQL)"), ("status", "print whether it runs, its URIs")):
+    s_add.add_argument(
+        "--exist-ok", action="store_true", help="an existing login gets this password and role (no error)"
+    )
+    for name, text in (
+        ("stop", "stop it (and its own PostgreSQL)"),
+        ("status", "print whether it runs, its URIs"),
+    ):
         p = server_sub.add_parser(name, help=text)
         p.add_argument("--root", required=True, help="the folder given to `bdlab server start`")
         p.add_argument("--pg-user", default=None, help=argparse.SUPPRESS)
+        if name == "status":
+            p.add_argument(
+                "--exports",
+                action="store_true",
+                help="print only `export MLFLOW_TRACKING_URI=...` and `export BDLAB_OPTUNA_STORAGE=...` lines",
+            )
 
     lst = sub.add_parser(
         "list", help="print every registered dataset, model, attack and defense, and a sweep spec's settings"
@@ -203,8 +233,8 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--optuna-storage",
-        default=None,
-        help="SQLAlchemy URL of the Optuna storage (default: SQLite under the results folder)",
+        default=os.environ.get("BDLAB_OPTUNA_STORAGE"),
+        help="SQLAlchemy URL of the Optuna storage (default: BDLAB_OPTUNA_STORAGE, else SQLite under the results folder)",
     )
 
 
@@ -217,6 +247,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except BdlabError as err:
         print(f"bdlab: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if "mlflow" not in sys.modules:
+            raise
+        from bdlab.tracking.mlflow_tracker import access_error
+
+        refused = access_error(
+            err, getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
+        )
+        if refused is None:
+            raise
+        print(f"bdlab: error: {refused}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bdlab: interrupted", file=sys.stderr)
@@ -420,6 +462,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         optuna_url=args.optuna_storage,
         address=args.address,
         fresh=args.fresh,
+        checkpoints=args.checkpoints,
     )
     return 0
 
@@ -457,8 +500,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from bdlab.cluster import ClusterFileError, check_cluster_file
+    from bdlab.cluster import ClusterFileError, check_cluster_file, new_secrets
 
+    if args.cluster_command == "secrets":
+        print(new_secrets(), end="")
+        return 0
     try:
         config = check_cluster_file(args.file)
     except ClusterFileError as err:
@@ -480,15 +526,23 @@ def cmd_server(args: argparse.Namespace) -> int:
         state = service.start(args.root, args.host, args.port, args.postgres_url, args.workers, args.pg_user)
         running = True
     elif args.server_command == "user":
-        service.add_user(args.root, args.name, args.role)
+        service.add_user(args.root, args.name, args.role, exist_ok=args.exist_ok)
         print(f"added {args.role} {args.name} to the tracking service under {args.root}")
         return 0
     elif args.server_command == "stop":
         was = service.stop(args.root, args.pg_user)
-        print(f"stopped the tracking service under {args.root}" if was else f"nothing was running under {args.root}")
+        print(
+            f"stopped the tracking service under {args.root}"
+            if was
+            else f"nothing was running under {args.root}"
+        )
         return 0
     else:
         state, running = service.status(args.root)
+        if args.exports:  # for `eval "$(bdlab server status --root DIR --exports)"` before a sweep
+            print(f"export MLFLOW_TRACKING_URI={state.tracking_uri}")
+            print(f'export BDLAB_OPTUNA_STORAGE="{state.optuna_url()}"')
+            return 0 if running else 1
     print(f"tracking service under {args.root}: {'running' if running else 'stopped'}")
     print(f"  MLFLOW_TRACKING_URI={state.tracking_uri}  (log in with MLFLOW_TRACKING_USERNAME/PASSWORD)")
     print(f"  --optuna-storage {state.optuna_url()}")

@@ -207,3 +207,22 @@ def check_cluster_file(path: str | Path, pins: dict[str, str] | None = None) -> 
     if problems:
         raise ClusterFileError("\n".join(f"{path}: {p}" for p in problems))
     return config
+
+
+def new_secrets() -> str:
+    """The env file `cluster.yaml` mounts as ~/.bdlab/cluster.env, with fresh random secrets: the
+    server's three (the head keeps them; the workers delete them at setup) and the login the
+    workers and drivers write with, which the head adds as a writer on every start."""
+    import secrets
+
+    def fresh() -> str:
+        return secrets.token_urlsafe(24)
+
+    return (
+        "# ~/.bdlab/cluster.env: keep it private (chmod 600); never commit it\n"
+        f"MLFLOW_AUTH_ADMIN_PASSWORD={fresh()}\n"
+        f"MLFLOW_FLASK_SERVER_SECRET_KEY={fresh()}\n"
+        f"BDLAB_DB_PASSWORD={fresh()}\n"
+        "MLFLOW_TRACKING_USERNAME=bdlab-workers\n"
+        f"MLFLOW_TRACKING_PASSWORD={fresh()}\n"
+    )

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bdlab.servers import connect_host
 from trials.errors import BdlabError
 
 DATABASES = ("mlflow", "mlflow_auth", "optuna")  # tracking store, MLflow's users, Optuna's studies
@@ -166,8 +167,7 @@ class LocalPostgres:
             self._run([str(binaries() / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"], "stop")
 
     def url(self, password: str, database: str, driver: str = "postgresql+psycopg") -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "*") else self.host
-        return f"{driver}://{SUPERUSER}:{password}@{host}:{self.port}/{database}"
+        return f"{driver}://{SUPERUSER}:{password}@{connect_host(self.host)}:{self.port}/{database}"
 
     def create_databases(self, password: str, names: tuple[str, ...] = DATABASES) -> None:
         """The platform's databases (idempotent)."""
@@ -185,7 +185,7 @@ class LocalPostgres:
             except psycopg.OperationalError as err:
                 if time.monotonic() > deadline:
                     raise PostgresError(
-                        f"cannot connect to {self.host}:{self.port} ({err}); log: {self.log}"
+                        f"cannot connect to {connect_host(self.host)}:{self.port} ({err}); log: {self.log}"
                     ) from None
                 time.sleep(0.5)
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from bdlab.spec.reader import DEFAULT_OBJECTIVES
 from bdlab.tracking import RUN_STATUSES, Store, Tracker, schema
+from bdlab.tracking.store import hide_password
 from trials.errors import InvalidValue
 
 
@@ -288,7 +289,13 @@ def publish(store: Store, sweep: SweepRef, summary: dict[str, Any], out: Any) ->
     )
     if store.tracking_uri.startswith("sqlite"):
         out(f"open it with: bdlab ui --results {store.results}")
-    out(f"Optuna studies: {store.optuna_url} (optuna-dashboard {store.optuna_url})")
+    else:  # the runs table with the objectives as columns (the experiment's saved view)
+        out(
+            f"runs table: {store.tracking_uri}/#/experiments/{sweep.experiment_id}/runs"
+            f"?viewStateShareKey={schema.RESULTS_VIEW}"
+        )
+    optuna = hide_password(store.optuna_url)
+    out(f"Optuna studies: {optuna} (optuna-dashboard {optuna})")
 
 
 def _safe(text: str) -> str:

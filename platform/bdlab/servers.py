@@ -18,6 +18,14 @@ from pathlib import Path
 from bdlab.tracking import Store
 from trials.errors import BdlabError
 
+WILDCARD_HOSTS = ("0.0.0.0", "", "*", "::")
+
+
+def connect_host(host: str) -> str:
+    """The address a client on this machine connects to for a server listening on `host` (a
+    wildcard listens on every interface, loopback included)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -31,6 +39,7 @@ def server_env() -> dict[str, str]:
     platform does not use) unless the caller asked for it."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return env
 
 
@@ -76,7 +85,7 @@ def _start(
         env=server_env(),
         start_new_session=True,  # its own process group: uvicorn workers end with it
     )
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    url = f"http://{connect_host(host)}:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from bdlab.postgres import DATABASES, MAX_CONNECTIONS, LocalPostgres, default_user, import_driver
-from bdlab.servers import free_port, server_command, server_env
+from bdlab.servers import WILDCARD_HOSTS, connect_host, free_port, server_command, server_env
 from trials.errors import BdlabError
 
 REQUIRED_ENV = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "BDLAB_DB_PASSWORD")
@@ -53,8 +53,7 @@ class ServiceState:
 
     @property
     def tracking_uri(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{connect_host(self.host)}:{self.port}"
 
     def optuna_url(self, with_password: bool = False) -> str:
         password = os.environ.get("BDLAB_DB_PASSWORD", "") if with_password else "$BDLAB_DB_PASSWORD"
@@ -184,14 +183,14 @@ def start(
         pg_port = int(state.postgres.rsplit(":", 1)[1]) if state else free_port()
         pg = LocalPostgres(
             root / "postgres",
-            "127.0.0.1" if host == "127.0.0.1" else host,
+            host,
             pg_port,
             pg_user or default_user(),
         )
         pg.initialize(secrets["BDLAB_DB_PASSWORD"])
         pg.start()
         pg.create_databases(secrets["BDLAB_DB_PASSWORD"])
-        postgres = f"{'127.0.0.1' if pg.host in ('0.0.0.0', '*') else pg.host}:{pg.port}"
+        postgres = f"{connect_host(pg.host)}:{pg.port}"
     else:
         postgres = _external_postgres(postgres_url)
         _create_databases(postgres, secrets["BDLAB_DB_PASSWORD"])
@@ -202,6 +201,10 @@ def start(
         auth_ini,
         "[mlflow]\n"
         "default_permission = READ\n"
+        # a login's password hash (PBKDF2) is checked once per minute per server worker, not on
+        # every request: ~30 requests per trial made each trial cost seconds of server CPU
+        # (benchmarks/tracking.py); a changed password reaches the other workers within the minute
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n"
         f"database_uri = {_db_url(postgres, password, 'mlflow_auth')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
@@ -211,6 +214,8 @@ def start(
     env.update(pool_settings(workers))
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
     env["MLFLOW_BACKEND_STORE_URI"] = _db_url(postgres, password, "mlflow")  # not on the command line
+    if not env.get("MLFLOW_SERVER_ALLOWED_HOSTS"):
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"] = ",".join(allowed_hosts(host))
     # basic authentication, and artifacts proxied (MLflow 3's default, said explicitly)
     command = server_command(None, root / "artifacts", host, port, workers)
     command += ["--app-name", "basic-auth", "--serve-artifacts"]
@@ -236,6 +241,28 @@ def start(
             )
         time.sleep(0.5)
     return state
+
+
+AUTH_CACHE_S = 60
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The Host headers the server accepts: MLflow's default (loopback and the private ranges,
+    against DNS rebinding) plus this machine's own names and addresses when it listens beyond
+    loopback, which the workers use even where the address is not in a private range."""
+    import socket
+
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    hosts = list(get_default_allowed_hosts())
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        import ray.util
+
+        own = {socket.gethostname(), socket.getfqdn(), ray.util.get_node_ip_address()}
+        if host not in WILDCARD_HOSTS:
+            own.add(host)
+        hosts += [name for address in sorted(own) for name in (address, f"{address}:*")]
+    return hosts
 
 
 def _create_databases(postgres: str, password: str) -> None:
@@ -294,12 +321,14 @@ def status(root: str | Path) -> tuple[ServiceState, bool]:
 ROLES = ("reader", "writer")
 
 
-def add_user(root: str | Path, name: str, role: str) -> None:
+def add_user(root: str | Path, name: str, role: str, exist_ok: bool = False) -> None:
     """A team member's MLflow login, password from BDLAB_USER_PASSWORD. A reader browses every
     experiment (the service's default permission is READ) and cannot write into any it did not
     create (MLflow lets every login create experiments of its own). A writer is an MLflow admin,
     because sweeps write into experiments other members created (the shared attacked-model cache)
-    and MLflow 3.17 has no group to grant EDIT to; admins can also manage logins."""
+    and MLflow 3.17 has no group to grant EDIT to; admins can also manage logins. With `exist_ok`,
+    an existing login gets this password and role (the head's start commands re-run on every
+    `ray up`)."""
     if role not in ROLES:
         raise ServiceError(f"--role: {role!r} is not allowed; reader or writer")
     password = os.environ.get("BDLAB_USER_PASSWORD", "")
@@ -311,20 +340,16 @@ def add_user(root: str | Path, name: str, role: str) -> None:
     state, running = status(root)
     if not running:
         raise ServiceError(f"--root: the tracking service under {root} is not running (bdlab server start)")
-    _admin_call(
-        state.tracking_uri,
-        "/api/2.0/mlflow/users/create",
-        {"username": name, "password": password},
-        admin_password,
-    )
-    if role == "writer":
-        _admin_call(
-            state.tracking_uri,
-            "/api/2.0/mlflow/users/update-admin",
-            {"username": name, "is_admin": True},
-            admin_password,
-            method="PATCH",
-        )
+    url = state.tracking_uri
+    try:
+        _admin_call(url, "/api/2.0/mlflow/users/create", {"username": name, "password": password}, admin_password)
+    except ServiceError as err:
+        if not (exist_ok and "RESOURCE_ALREADY_EXISTS" in str(err)):
+            raise
+        body = {"username": name, "password": password}
+        _admin_call(url, "/api/2.0/mlflow/users/update-password", body, admin_password, method="PATCH")
+    body = {"username": name, "is_admin": role == "writer"}
+    _admin_call(url, "/api/2.0/mlflow/users/update-admin", body, admin_password, method="PATCH")
 
 
 def _admin_call(url: str, path: str, body: dict, admin_password: str, method: str = "POST") -> None:

@@ -20,6 +20,7 @@ not asked yet.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -56,10 +57,52 @@ def make_sampler(spec: SweepSpec, name: str) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's storage on a database server (PostgreSQL): pooled connections are checked before
+    use, and a call made while the server restarts is retried for up to `patience_s` (each storage
+    call is one transaction, so a retried call is applied once)."""
+
+    patience_s = 120.0
+
+
+def _patient(method: Any) -> Any:
+    import time
+
+    import sqlalchemy.exc
+
+    transient = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
+
+    @functools.wraps(method)
+    def call(self: PatientStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.patience_s
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except transient:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    return call
+
+
+for _name in optuna.storages.BaseStorage.__abstractmethods__:
+    setattr(PatientStorage, _name, _patient(getattr(optuna.storages.RDBStorage, _name)))
+
+
+@functools.cache
+def optuna_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """SQLite (one process, on the driver's disk) as its URL; a database server patiently, through
+    one connection pool for every cell's study."""
+    if url.startswith("sqlite"):
+        return url
+    return PatientStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
 def open_study(spec: SweepSpec, storage: str, name: str) -> optuna.Study:
     return optuna.create_study(
         study_name=name,
-        storage=storage,
+        storage=optuna_storage(storage),
         directions=[DIRECTION[mode] for mode in spec.objectives.values()],
         sampler=make_sampler(spec, name),
         load_if_exists=True,

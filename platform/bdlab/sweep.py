@@ -28,6 +28,7 @@ from bdlab.claims import driver_lease
 from bdlab.spec import DefenseCell, SweepSpec, TrialResources, load_sweep
 from bdlab.tracking import Store, Tracker, schema
 from bdlab.trial_config import AttackTrialConfig, DefenseTrialConfig, as_tune
+from trials.errors import BdlabError
 
 Out = Callable[[str], None]
 
@@ -43,6 +44,12 @@ class SweepRun:
     parent_run_id: str
     generation: int
     attacked: dict[str, str] = field(default_factory=dict)  # attack cell key -> MLflow run id
+    # where defense trials checkpoint: a folder every node mounts, or an s3:// (any pyarrow) URI;
+    # None: under the results folder
+    checkpoints: str | None = None
+    # the store as Ray workers reach it (a loopback server named by this node's address on a cluster)
+    worker_store: Store | None = None
+    cpus: float = 0.0  # the most CPUs its Ray cluster was seen with (bdlab.sweep._cluster_cpus)
 
 
 def parent_run(
@@ -88,24 +95,69 @@ def concurrency(res: TrialResources) -> int:
     return max(1, slots)
 
 
-def start_ray(address: str | None, store: Store) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS, or start a local one; workers get the tracking URI."""
+def start_ray(address: str | None, run: SweepRun) -> Store:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local one; returns the store as the
+    workers reach it (also `run.worker_store`), whose URI and login they get in their environment.
+
+    On a cluster, workers log over HTTP only: a local store (a database file) is refused, and a
+    server the driver reaches on loopback (`bdlab server start` on the head) is named by this node's
+    address, which the other nodes reach (the server must listen there: `--host 0.0.0.0`)."""
     import ray
 
     from bdlab.worker import worker_env
 
-    if ray.is_initialized():
-        return
-    env = {**worker_env(), **store.env()}
+    if run.worker_store is not None:
+        return run.worker_store
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
-        configure_logging=True,
-        logging_level="ERROR",
-    )
+    store = run.store
+    if address and store.is_loopback:
+        outside = store.at_host(ray.util.get_node_ip_address())
+        if _answers(outside.tracking_uri):
+            store = outside
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {**worker_env(), **store.env()}},
+            configure_logging=True,
+            logging_level="ERROR",
+        )
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        if not store.is_remote:
+            raise BdlabError(
+                f"tracking_uri: {store.tracking_uri!r} is a database file the other nodes of this Ray "
+                "cluster cannot reach; track to a server (bdlab server start, then --tracking-uri http://HEAD:PORT)"
+            )
+        if store.is_loopback:
+            raise BdlabError(
+                f"tracking_uri: {store.tracking_uri} answers on loopback only, which the other nodes of "
+                "this Ray cluster cannot reach; start the server with --host 0.0.0.0 (or the private address)"
+            )
+    run.worker_store = store
+    _cluster_cpus(run)
+    return store
+
+
+def _answers(uri: str) -> bool:
+    """Whether the MLflow server answers API requests at `uri` (a login it asks for counts as an
+    answer); a server that refuses the address itself (its DNS-rebinding guard) is one line."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5):
+            return True
+    except urllib.error.HTTPError as err:
+        if err.code == 403 and b"Invalid Host" in err.read():
+            raise BdlabError(
+                f"tracking_uri: the server refuses requests addressed to {uri}, the address the other "
+                "nodes use; allow it (MLFLOW_SERVER_ALLOWED_HOSTS of the server; `bdlab server start` "
+                "allows its own addresses)"
+            ) from None
+        return err.code == 401
+    except OSError:
+        return False
 
 
 def run_sweep(
@@ -116,15 +168,18 @@ def run_sweep(
     address: str | None = None,
     fresh: bool = False,
     out: Out = print,
+    checkpoints: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the summary (also logged to the parent run and printed)."""
+    """Run (or resume) a sweep; returns the summary (also logged to the parent run and printed).
+    `checkpoints`: where long defense trials checkpoint (default: the results folder; on a cluster,
+    a folder every node mounts or an s3:// URI, so a trial moved to another node resumes)."""
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     started = time.monotonic()
     store = Store.open(results, tracking_uri, optuna_url)
     tracker = store.tracker()
     with driver_lease(tracker, spec.name):  # one driver per sweep: two would run its trials twice
-        return _run(spec, store, tracker, fresh, address, out, started)
+        return _run(spec, store, tracker, fresh, address, out, started, checkpoints)
 
 
 def _run(
@@ -135,13 +190,14 @@ def _run(
     address: str | None,
     out: Out,
     started: float,
+    checkpoints: str | None = None,
 ) -> dict[str, Any]:
-    exp = tracker.experiment_id(schema.sweep_experiment(spec.name))
+    exp = tracker.experiment_id(schema.sweep_experiment(spec.name), schema.experiment_tags(spec.objectives))
     parent = parent_run(tracker, exp, spec.name, fresh=fresh, tags={schema.SPEC: spec.source})
     generation = int(tracker.get_run(parent).tags[schema.GENERATION])
     if spec.source and Path(spec.source).is_file():
         tracker.log_artifact(parent, spec.source)
-    run = SweepRun(spec, store, tracker, exp, parent, generation)
+    run = SweepRun(spec, store, tracker, exp, parent, generation, checkpoints=checkpoints)
     out(
         f"sweep {spec.name} (generation {generation}): {len(spec.attack_cells)} attacked models, "
         f"{len(spec.defense_cells())} defense cells, {spec.trial_count} defense trials; "
@@ -165,7 +221,7 @@ def _run(
     wall = time.monotonic() - started
     summary["seconds"] = {"attack_phase": round(attack_s, 2), "defense_phase": round(defense_s, 2)}
     busy = ""
-    cpus = _cluster_cpus()
+    cpus = _cluster_cpus(run)
     if cpus:
         # the whole sweep's, start-up, the cache lookups and the summary included
         summary["busy_fraction"] = round((attack_busy + defense_busy) / (wall * cpus), 4)
@@ -174,16 +230,19 @@ def _run(
     return summary
 
 
-def _cluster_cpus() -> float:
-    """The CPUs of the Ray cluster the sweep used; 0 when no phase started one (everything cached)."""
+def _cluster_cpus(run: SweepRun) -> float:
+    """The most CPUs the sweep's Ray cluster was seen with, at each phase's start and end (a node
+    lost mid-phase must not inflate the busy fraction); 0 when no phase started one (all cached)."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0.0
+    if ray.is_initialized():
+        run.cpus = max(run.cpus, float(ray.cluster_resources().get("CPU", 0)))
+    return run.cpus
 
 
-def report_busy(progress: Any, phase: str, cpus_per_trial: float, out: Out) -> float:
+def report_busy(progress: Any, phase: str, cpus_per_trial: float, run: SweepRun, out: Out) -> float:
     """Print the phase's busy fraction; return the CPU-seconds its trials held."""
-    cpus = _cluster_cpus()
+    cpus = _cluster_cpus(run)
     fraction = progress.busy_fraction(cpus_per_trial, cpus)
     out(
         f"[{phase}] busy fraction {fraction:.2f}: trials held {progress.trial_seconds * cpus_per_trial:.0f} "
@@ -197,7 +256,7 @@ def report_busy(progress: Any, phase: str, cpus_per_trial: float, out: Out) -> f
 
 def attack_phase(run: SweepRun, address: str | None, out: Out) -> float:
     """Train the attacked models the store lacks; return the CPU-seconds the trials held."""
-    spec, store, tracker = run.spec, run.store, run.tracker
+    spec, tracker = run.spec, run.tracker
     todo = []
     for cell in spec.attack_cells:
         hit = find_attacked(tracker, cell.key)
@@ -213,10 +272,10 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> float:
     from bdlab.progress import PhaseProgress
     from bdlab.worker import attack_trial
 
-    start_ray(address, store)
+    workers = start_ray(address, run)
     res = spec.resources.attack
     configs = [
-        as_tune(AttackTrialConfig(cell, cell.key, store, spec.name, spec.device, res, list(spec.plugins)))
+        as_tune(AttackTrialConfig(cell, cell.key, workers, spec.name, spec.device, res, list(spec.plugins)))
         for cell in todo
     ]
     labels = [f"{cell.label} ({cell.key[:8]})" for cell in todo]
@@ -229,7 +288,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> float:
         run_config=_run_config(run, "attack", progress),
     )
     tuner.fit()
-    held = report_busy(progress, "attack", res.cpu, out)
+    held = report_busy(progress, "attack", res.cpu, run, out)
     for cell in todo:
         hit = find_attacked(tracker, cell.key)
         if hit is None:
@@ -293,9 +352,8 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
             }
             if point.get("data_fraction") is not None:
                 design_tags[schema.DATA_FRACTION] = str(point["data_fraction"])
-        checkpoints = (
-            store.results / "checkpoints" / names[i].replace(":", "_").replace("/", "_") / str(pending.number)
-        )
+        folder = f"{names[i].replace(':', '_').replace('/', '_')}/{pending.number}"
+        checkpoints = f"{(run.checkpoints or str(store.results / 'checkpoints')).rstrip('/')}/{folder}"
         return DefenseTrialConfig(
             study=names[i],
             number=pending.number,
@@ -306,8 +364,8 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
             cell_label=cell.label,
             attacked_run_id=run.attacked[cell.attack.key],
             attacked_cache=str(store.results / "attacked"),
-            checkpoint_dir=str(checkpoints),
-            store=store,
+            checkpoint_dir=checkpoints,
+            store=run.worker_store or store,
             experiment_id=run.experiment_id,
             parent_run_id=run.parent_run_id,
             objectives=list(spec.objectives),
@@ -352,7 +410,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
     from bdlab.progress import PhaseProgress
     from bdlab.worker import defense_trial
 
-    start_ray(address, store)
+    start_ray(address, run)
     progress = PhaseProgress(
         "defense",
         total,
@@ -371,7 +429,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
         run_config=_run_config(run, "defense", progress),
     )
     tuner.fit()
-    return report_busy(progress, "defense", res.cpu, out)
+    return report_busy(progress, "defense", res.cpu, run, out)
 
 
 class FrontTracker:

@@ -2,8 +2,10 @@
 
 A trial gets everything it needs in its typed config (`bdlab.trial_config`): the store, the cell,
 the parameters, the MLflow parent run. It logs through the tracking interface only, so a worker on
-another node needs no shared filesystem (checkpoints of long defenses are the exception: they go
-under the results folder when the worker can see it).
+another node needs no shared filesystem. Checkpoints of long defenses go where the sweep's
+`checkpoints` option says: a folder every node mounts (NFS) or an `s3://` URI (`bdlab.checkpoints`),
+so a trial moved to another node resumes there; by default under the results folder (one machine).
+Each run is tagged with where it ran (`placement_tags`).
 
 Failures are recorded where the team looks: the MLflow run is tagged `bdlab.failure` with the
 reason and ended FAILED, then the exception propagates so Ray's failure policy retries the trial.
@@ -22,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 from ray import tune
 
 from bdlab.cache import claim_attacked, fetch_attacked, log_attacked
+from bdlab.checkpoints import CheckpointPlace
 from bdlab.claims import keep_alive
 from bdlab.spec.model import TrialResources
 from bdlab.tracking import Tracker, schema
@@ -65,6 +68,32 @@ def start_trial(cls: type[T], plain: dict[str, Any]) -> T:
     import_plugins(config.plugins)
     claim_resources(config.resources)
     return config
+
+
+def placement_tags(device: str) -> dict[str, str]:
+    """Where this process runs: host, Ray node, device, GPU and the torch/CUDA build."""
+    import socket
+
+    import ray
+    import torch
+
+    from trials.device import pick_device
+
+    resolved = pick_device(device)
+    tags = {
+        schema.HOST: socket.gethostname(),
+        schema.RAY_NODE: ray.get_runtime_context().get_node_id() if ray.is_initialized() else "none",
+        schema.DEVICE: str(resolved),
+        schema.GPU: "none",
+        schema.GPU_MEMORY: "0",
+        schema.TORCH: torch.__version__,
+        schema.CUDA: torch.version.cuda or "none",
+    }
+    if resolved.type == "cuda":
+        props = torch.cuda.get_device_properties(resolved)
+        tags[schema.GPU] = props.name
+        tags[schema.GPU_MEMORY] = f"{props.total_memory / 2**30:.1f}"
+    return tags
 
 
 def failure_reason(err: BaseException) -> str:
@@ -111,6 +140,7 @@ def attack_trial(plain: dict[str, Any]) -> None:
     if not mine:  # another trial or sweep trained it meanwhile
         tune.report({"trained": 0, "attack_run_id": run_id})
         return
+    tracker.set_tags(run_id, placement_tags(config.device))
     progress = StepLogger(tracker, run_id)
     try:
         with keep_alive(tracker, run_id):  # waiting claimants see the training is alive
@@ -175,6 +205,8 @@ def defense_trial(plain: dict[str, Any]) -> None:
         tune.report({**run.metrics, "done": 1, "mlflow_run_id": run_id})
         return
     tracker.set_status(run_id, "RUNNING")  # a resumed or retried trial's run was ended
+    attempt = int(run.tags.get(schema.ATTEMPT, "0")) + 1
+    tracker.set_tags(run_id, {**placement_tags(config.device), schema.ATTEMPT: str(attempt)})
     # A retry logs into the run its failed attempt ended: the failure stays visible, but under
     # another tag, so `bdlab.failure` is only ever on runs that failed for good.
     done_tags = {schema.STATUS: "complete"}
@@ -194,8 +226,14 @@ def defense_trial(plain: dict[str, Any]) -> None:
             device=config.device,
             checkpoint_every_s=config.checkpoint_every_s,
         )
-        checkpoint = Path(config.checkpoint_dir)
-        result = run_defense(spec, attacked, progress=progress, checkpoint_dir=checkpoint)
+        checkpoints = CheckpointPlace(config.checkpoint_dir)
+        result = run_defense(
+            spec,
+            attacked,
+            progress=progress,
+            checkpoint_dir=checkpoints.pull(),
+            checkpoint_saved=checkpoints.push,
+        )
         metrics = flat_trial_metrics(result.metrics)
         objectives = {f"val_{m}": result.metrics["val"].get(m) for m in config.objectives}
         bad = {k: v for k, v in objectives.items() if v is None or not math.isfinite(v)}
@@ -208,7 +246,7 @@ def defense_trial(plain: dict[str, Any]) -> None:
                 shutil.copy(trigger, folder / "trigger.png")
             tracker.log_folder(run_id, folder, "defended")
         tracker.finish_run(run_id, "FINISHED", tags=done_tags, metrics=metrics)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        checkpoints.remove()
     except BaseException as err:
         tracker.finish_run(
             run_id, "FAILED", tags={schema.STATUS: "failed", schema.FAILURE: failure_reason(err)}

@@ -109,6 +109,8 @@ class DefenseContext:
     monitor: Monitor | None = None  # runner-side: validation-half ACC/ASR of a model
     checkpoint_dir: Path | None = None
     checkpoint_every_s: float = 600.0  # wall-clock interval between checkpoints
+    # called with `checkpoint_dir` after each checkpoint (the platform mirrors it to shared storage)
+    checkpoint_saved: Callable[[Path], None] | None = None
     tag: str = "defense"
     # what a defense found along the way (NC's anomaly index, FP's pruned count...), written to
     # metrics.json under "findings"
@@ -145,6 +147,8 @@ class DefenseContext:
         state = {name: _state_of(obj) for name, obj in objects.items()}
         state["__generator__"] = self.generator.get_state()
         save_state({"step": step, "state": state}, self.checkpoint_dir)
+        if self.checkpoint_saved is not None:
+            self.checkpoint_saved(self.checkpoint_dir)
         self._last_checkpoint = time.monotonic()
 
     def load_checkpoint(self, objects: dict[str, Any]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def run_defense(
     attacked: AttackedModel,
     progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
+    checkpoint_saved: Callable[[Path], None] | None = None,
 ) -> DefenseResult:
     started = time.perf_counter()
     defense = resolve_defense(spec)
@@ -140,6 +142,7 @@ def run_defense(
         monitor=monitor,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_s=spec.checkpoint_every_s,
+        checkpoint_saved=checkpoint_saved,
         tag=spec.defense,
     )
     model = prepare_model(copy.deepcopy(attacked.model), device, amp)

@@ -41,9 +41,14 @@ class Tracker(abc.ABC):
 
     # -- experiments ------------------------------------------------------------------------------
     @abc.abstractmethod
-    def experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str, tags: Mapping[str, str] | None = None) -> str:
         """The id of experiment `name`, created if missing (also when several processes race), and
-        restored if it was deleted."""
+        restored if it was deleted. `tags` are set on it when it lacks them."""
+
+    @abc.abstractmethod
+    def check_access(self) -> None:
+        """Raise a one-line `BdlabError` when the store refuses this process (a server's login);
+        called once by the driver before any work starts."""
 
     @abc.abstractmethod
     def find_experiment(self, name: str) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -39,24 +40,49 @@ class MlflowTracker(Tracker):
         return self._client
 
     # -- experiments ------------------------------------------------------------------------------
-    def experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str, tags: Mapping[str, str] | None = None) -> str:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+        tags = dict(tags or {})
         for _ in range(5):
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":  # deleted in the UI: bring it back, runs need it active
                     self.client.restore_experiment(exp.experiment_id)
+                self._add_tags(exp, tags)
                 return exp.experiment_id
             location = f"{self.artifact_root}/{_slug(name)}" if self.artifact_root else None
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location, tags=tags)
             except MlflowException as err:
                 if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                     raise
             time.sleep(0.1)  # another process created it between our get and create: read it
         raise BdlabError(f"experiment {name!r}: could neither find nor create it in {self.uri}")
+
+    def _add_tags(self, exp: mlflow.entities.Experiment, tags: Mapping[str, str]) -> None:
+        """Tags an experiment made before they existed lacks; a login that may not write there
+        (a reader) leaves it as it is, and so does a process that another one beat to the write."""
+        from mlflow.exceptions import MlflowException
+
+        for key, value in tags.items():
+            if exp.tags.get(key) != value:
+                try:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
+                except MlflowException as err:
+                    if err.error_code == "PERMISSION_DENIED":
+                        return
+                    if self.client.get_experiment(exp.experiment_id).tags.get(key) != value:
+                        raise
+
+    def check_access(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.search_experiments(max_results=1)
+        except MlflowException as err:
+            raise access_error(err, self.uri) or err from None
 
     def find_experiment(self, name: str) -> str | None:
         exp = self.client.get_experiment_by_name(name)
@@ -219,6 +245,38 @@ class MlflowTracker(Tracker):
             )
 
 
+def access_error(err: BaseException, uri: str | None = None) -> BdlabError | None:
+    """The one-line error for a tracking server's refusal (HTTP 401: no or a wrong login; 403: the
+    login may not write there); None for any other error."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return None
+    server = uri or _server_of(str(err))
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if err.error_code == "UNAUTHENTICATED":
+        if not user:
+            return BdlabError(
+                f"tracking server {server}: needs a login; set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (HTTP 401)"
+            )
+        return BdlabError(
+            f"tracking server {server}: refused the login of {user!r} (HTTP 401: wrong "
+            "MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD)"
+        )
+    if err.error_code == "PERMISSION_DENIED":
+        return BdlabError(
+            f"tracking server {server}: {user or 'this login'!r} may not write there (HTTP 403: a "
+            "reader's account; ask the service's admin for a writer's: bdlab server user add NAME --role writer)"
+        )
+    return None
+
+
+def _server_of(message: str) -> str:
+    found = re.search(r"https?://[^/\s']+", message)
+    return found.group(0) if found else os.environ.get("MLFLOW_TRACKING_URI", "(unknown)")
+
+
 def _record(run: mlflow.entities.Run) -> RunRecord:
     info, data = run.info, run.data
     return RunRecord(
@@ -275,6 +333,10 @@ def _quote(value: Any) -> str:
 # MLflow's console output that a sweep replaces with its own progress lines; set in the driver by
 # the command line and in every Ray worker (bdlab.worker.worker_env).
 QUIET_MLFLOW_ENV = {
+    # MLflow's usage telemetry: nothing leaves the machine, and its client unsets an environment
+    # variable from several threads (a KeyError in a concurrent log_batch, seen in
+    # benchmarks/tracking.py with 8 writers)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }

@@ -22,6 +22,31 @@ def sweep_experiment(sweep: str) -> str:
     return f"{SWEEP_EXPERIMENT_PREFIX}{sweep}"
 
 
+def experiment_tags(objectives: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags of an experiment the platform creates: opened on the runs table; a sweep's experiment
+    (`objectives` given) also gets the saved view `RESULTS_VIEW`, whose columns are the objectives on
+    both halves and the cell, sorted by the first objective's validation score."""
+    import json
+
+    tags = {EXPERIMENT_KIND: MODEL_TRAINING}
+    if objectives:
+        first, direction = next(iter(objectives.items()))
+        state = {
+            "orderByKey": f"metrics.`val_{first}`",
+            "orderByAsc": direction == "min",
+            "selectedColumns": [
+                *(f"metrics.`{m}`" for m in objectives),
+                *(f"metrics.`val_{m}`" for m in objectives),
+                f"tags.`{DEFENSE}`",
+                f"tags.`{CELL}`",
+                f"tags.`{STATUS}`",
+            ],
+        }
+        envelope = {"name": "bdlab: results", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)}
+        tags[SAVED_VIEW_PREFIX + RESULTS_VIEW] = json.dumps(envelope)
+    return tags
+
+
 def sweep_names(experiment_names: list[str]) -> list[str]:
     """The sweeps among experiment names (the shared attacked-model and driver experiments aside)."""
     shared = (ATTACK_EXPERIMENT, DRIVER_EXPERIMENT)
@@ -32,7 +57,15 @@ def sweep_names(experiment_names: list[str]) -> list[str]:
     )
 
 
-PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its sweep's parent run
+PARENT = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces); this value opens
+# it on the runs table
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# a saved view of the runs table (MLflow >= 3.15 keeps views in experiment tags with this prefix and
+# opens one with `?viewStateShareKey=<id>`): the sweep's objectives as columns
+SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+RESULTS_VIEW = "bdlab-results"  # MLflow's own: nests a trial's run under its sweep's parent run
 
 # what a run is and where it belongs
 KIND = "bdlab.kind"  # sweep (a parent run), attack, driver
@@ -57,6 +90,7 @@ DEFAULT = "bdlab.default"  # "true" for the cell's default configuration
 STATUS = "bdlab.status"  # running | complete | failed
 FAILURE = "bdlab.failure"  # the reason of a trial that failed for good
 EARLIER_FAILURE = "bdlab.earlier_failure"  # the reason of a failed attempt that a retry completed
+ATTEMPT = "bdlab.attempt"  # 1 for a trial's first run; more when Ray retried it or a driver resumed it
 
 # a study trial (a defense entry with `study:`, docs/spec.md "Studies"); absent on search trials
 DESIGN = "bdlab.design"  # sobol | grid
@@ -65,10 +99,19 @@ DEFENSE_SEED = "bdlab.defense_seed"  # the defense seed the trial ran with
 DATA_FRACTION = "bdlab.data_fraction"  # the clean-data budget (only when the study sets budgets)
 DATA_SUBSET = "bdlab.data_subset"  # which random subset of the held-out data the trial got
 
+# where a trial (or an attacked model's training) ran: set by the worker as it starts, so a retry on
+# another node overwrites them with the node that finished the work
+HOST = "bdlab.host"  # also the host of a claim's holder
+RAY_NODE = "bdlab.ray_node"  # the Ray node id
+DEVICE = "bdlab.device"  # cpu | cuda:N
+GPU = "bdlab.gpu"  # the GPU's name ("" on a CPU)
+GPU_MEMORY = "bdlab.gpu_memory_gb"  # its total memory
+TORCH = "bdlab.torch"  # torch.__version__
+CUDA = "bdlab.cuda"  # the CUDA version torch was built with ("" for a CPU build)
+
 # claims (bdlab.claims): one process does a piece of work
 CLAIM = "bdlab.claim"
 HEARTBEAT = "bdlab.heartbeat"  # epoch seconds of the holder's last sign of life
-HOST = "bdlab.host"
 PID = "bdlab.pid"
 STALE = "bdlab.stale"  # why a dead claim was ended
 

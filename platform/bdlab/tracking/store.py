@@ -17,10 +17,12 @@ opened by many processes at once fails in MLflow's Alembic migrations.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from bdlab.tracking.base import Tracker
 from trials.errors import BdlabError, InvalidValue
@@ -34,6 +36,7 @@ ENV_PASSED_TO_WORKERS = (
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_TRACKING_CLIENT_CERT_PATH",
 )
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _INIT_LOCK = ".bdlab-store.lock"
 
@@ -67,6 +70,8 @@ class Store:
         store = cls(results, uri, optuna_url, artifact_root)
         from filelock import FileLock  # a dependency of torch and ray
 
+        if remote:  # a wrong login is one line now, not a failed trial later
+            store.tracker().check_access()
         with FileLock(str(results / _INIT_LOCK), timeout=600):
             if not remote:
                 store.tracker().experiment_names()  # creates the schema, from this one process
@@ -76,6 +81,17 @@ class Store:
     @property
     def is_remote(self) -> bool:
         return self.tracking_uri.startswith(("http://", "https://"))
+
+    @property
+    def is_loopback(self) -> bool:
+        """A server on this machine's loopback interface (unreachable from other nodes)."""
+        return self.is_remote and urlsplit(self.tracking_uri).hostname in LOOPBACK_HOSTS
+
+    def at_host(self, host: str) -> Store:
+        """The same store, its server named by `host` (the address other nodes reach it at)."""
+        parts = urlsplit(self.tracking_uri)
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        return dataclasses.replace(self, tracking_uri=urlunsplit(parts._replace(netloc=netloc)))
 
     def tracker(self) -> Tracker:
         """This process's handle on the tracking store."""
