@@ -75,8 +75,10 @@ def service(tmp_path_factory):
     bdlab("server", "stop", "--root", str(root))
 
 
-def admin_tracker(url: str):
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", ADMIN_PASSWORD
+def admin_tracker(url: str, monkeypatch):
+    """A tracker with the admin's login (set for this test only: later tests' stores must not see it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
     from bdlab.tracking.mlflow_tracker import MlflowTracker
 
     return MlflowTracker(url)
@@ -302,11 +304,12 @@ def assert_complete_once(service: dict, tracker, name: str, trials: int) -> list
 
 
 def test_a_sweep_spreads_over_the_nodes_and_survives_losing_a_node_mlflow_and_postgresql(
-    service, nodes, tmp_path
+    service, nodes, tmp_path, monkeypatch
 ):
-    """One sweep, four events: it spreads over both worker nodes (a); MLflow's server is killed and
-    started again (c), then PostgreSQL is restarted under it and under the driver's Optuna storage
-    (d); then a worker node dies with the trials it runs (b). Every trial completes exactly once."""
+    """One sweep, four events: it spreads over both worker nodes (a); a worker node dies with the
+    trial it has just started (b); then MLflow's server is killed and started again (c), and
+    PostgreSQL is restarted under it and under the driver's Optuna storage (d). Every trial
+    completes exactly once."""
     from bdlab.postgres import LocalPostgres, default_user
     from bdlab.tracking import schema
 
@@ -314,13 +317,35 @@ def test_a_sweep_spreads_over_the_nodes_and_survives_losing_a_node_mlflow_and_po
     assert sum(r.get("GPU", 0) for r in resources) == 2 and {"node_a", "node_b"} <= {
         k for r in resources for k in r
     }
-    tracker = admin_tracker(service["url"])
-    trials = 8
+    tracker = admin_tracker(service["url"], monkeypatch)
+    trials = 10
     sweep = start_sweep(
-        write_spec(tmp_path, "spread", trials, epochs=6), tmp_path / "results", service, nodes
+        write_spec(tmp_path, "spread", trials, epochs=12), tmp_path / "results", service, nodes
     )
-    wait_for(lambda: defense_runs(tracker, "spread", ("FINISHED",)), "the first finished trial", sweep)
+    # (b) a worker node that finished a trial dies while it runs another
+    names = {node_id: name for name, node_id in nodes.node_ids.items()}
 
+    def busy_node() -> str | None:
+        """A worker node that finished a trial and has just started another: tagged with the node,
+        no progress logged yet (the first record comes after the first of its 12 epochs), so the
+        node dies with the trial running."""
+        runs = defense_runs(tracker, "spread")
+        finished = {r.tags.get(schema.RAY_NODE) for r in runs if r.status == "FINISHED"}
+        for r in runs:
+            node = r.tags.get(schema.RAY_NODE)
+            if r.status == "RUNNING" and node in names and node in finished and not r.metrics:
+                return node
+        return None
+
+    lost = None
+
+    def a_node_is_busy() -> bool:
+        nonlocal lost
+        lost = busy_node()
+        return lost is not None
+
+    wait_for(a_node_is_busy, "a node that finished one trial and has just started another", sweep)
+    nodes.remove(names[lost])
     # (c) MLflow's server dies and comes back (the service's start restarts what is not running)
     root = service["root"]
     os.kill(json.loads((root / "service.json").read_text())["pid"], signal.SIGKILL)
@@ -335,18 +360,6 @@ def test_a_sweep_spreads_over_the_nodes_and_survives_losing_a_node_mlflow_and_po
     time.sleep(2)
     postgres.start()
 
-    # (b) a worker node that finished a trial dies while it runs another
-    names = {node_id: name for name, node_id in nodes.node_ids.items()}
-
-    def busy_node() -> str | None:
-        on: dict[str, set] = {}
-        for r in defense_runs(tracker, "spread"):
-            on.setdefault(r.tags.get(schema.RAY_NODE), set()).add(r.status)
-        return next((n for n, s in on.items() if n in names and {"FINISHED", "RUNNING"} <= s), None)
-
-    wait_for(lambda: busy_node() is not None, "a node that finished one trial and runs another", sweep)
-    lost = busy_node()
-    nodes.remove(names[lost])
     out = finish(sweep)
 
     runs = assert_complete_once(service, tracker, "spread", trials)
@@ -380,13 +393,13 @@ def test_a_sweep_spreads_over_the_nodes_and_survives_losing_a_node_mlflow_and_po
 # --- (e) who may use the service ----------------------------------------------------------------------
 
 
-def test_logins_are_checked_before_any_training(service, nodes, tmp_path):
+def test_logins_are_checked_before_any_training(service, nodes, tmp_path, monkeypatch):
     from bdlab.tracking import schema
 
     url = service["url"]
     assert call(url, "/api/2.0/mlflow/experiments/search?max_results=5") == 401  # anonymous
     assert call(url, "/api/2.0/mlflow/experiments/search?max_results=5", ":".join(READER)) == 200
-    tracker = admin_tracker(url)
+    tracker = admin_tracker(url, monkeypatch)
     attack_exp = tracker.experiment_id(schema.ATTACK_EXPERIMENT)
     attacks_before = len(tracker.find_runs([attack_exp], {}, statuses=None))
     spec = write_spec(tmp_path, "logins", 2, epochs=1)
