@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bdlab.servers import connect_host
+from bdlab.tracking.store import LOOPBACK_HOSTS
 from trials.errors import BdlabError
 
 DATABASES = ("mlflow", "mlflow_auth", "optuna")  # tracking store, MLflow's users, Optuna's studies
@@ -131,7 +132,7 @@ class LocalPostgres:
             conf.write("\n# written by bdlab server\n")
             conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
         with open(self.data / "pg_hba.conf", "a") as hba:
-            if self.host not in ("127.0.0.1", "localhost"):
+            if self.host not in LOOPBACK_HOSTS:
                 # the private network the cluster's nodes are on; password-authenticated
                 hba.write("host all all samenet scram-sha-256\n")
 

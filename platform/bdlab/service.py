@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from bdlab.postgres import DATABASES, MAX_CONNECTIONS, LocalPostgres, default_user, import_driver
 from bdlab.servers import WILDCARD_HOSTS, connect_host, free_port, server_command, server_env
+from bdlab.tracking.store import LOOPBACK_HOSTS
 from trials.errors import BdlabError
 
 REQUIRED_ENV = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "BDLAB_DB_PASSWORD")
@@ -255,7 +256,7 @@ def allowed_hosts(host: str) -> list[str]:
     from mlflow.server.security_utils import get_default_allowed_hosts
 
     hosts = list(get_default_allowed_hosts())
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         import ray.util
 
         own = {socket.gethostname(), socket.getfqdn(), ray.util.get_node_ip_address()}
