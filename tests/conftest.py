@@ -18,6 +18,27 @@ def digits():
     return load_dataset("digits")
 
 
+QUALITY_RUNS = pytest.StashKey[list]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quality tests run last, and the runs they need start first: each quality module lists its
+    runs in QUALITY_RUNS, and `_start_quality_runs` hands them all to the pool (tests/quality.py) as
+    the session begins, so they train on the second core while the other tests run. Their order
+    among themselves is kept."""
+    quality = [item for item in items if item.get_closest_marker("quality")]
+    items[:] = [item for item in items if not item.get_closest_marker("quality")] + quality
+    modules = dict.fromkeys(item.module for item in quality)
+    config.stash[QUALITY_RUNS] = [run for module in modules for run in getattr(module, "QUALITY_RUNS", [])]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_quality_runs(request):
+    runs = request.config.stash.get(QUALITY_RUNS, [])
+    if runs:
+        request.getfixturevalue("quality_runs").prefetch(runs)
+
+
 @pytest.fixture(scope="session")
 def quality_runs(tmp_path_factory):
     """The quality runs of the session (tests/quality.py): each (case, seed) once, in a pool of two

@@ -178,9 +178,14 @@ def kept(m: dict[str, Any], min_asr: float = 0.5) -> bool:
 
 
 def _worker_init() -> None:
+    import os
+
     import torch
 
     torch.set_num_threads(1)
+    # The runs train while the session's other tests run (tests/conftest.py starts them first): those
+    # tests keep the CPU's priority, Ray's trial workers included, which Ray runs at niceness 15.
+    os.nice(19)
 
 
 def _train_badnets(seed: int, folder: str, target: int = 0) -> str:
@@ -210,20 +215,26 @@ def _defense_run(folder: str, case: str, seed: int) -> dict[str, Any]:
 class Runs:
     """The quality runs of a test session, in a pool of `workers` processes; each (case, seed) runs
     once, and its result is kept. Attacked models are folders under `root` (BadNets at a seed,
-    seed 0 with its clean reference model)."""
+    seed 0 with its clean reference model). A defense run is handed to the pool once its attacked
+    model is trained (a waiting thread holds it meanwhile), so asking for it never blocks."""
 
     def __init__(self, root: Path, workers: int = 2) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
         self.root = root
         self.pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
         )
+        self._waiting = ThreadPoolExecutor(64, thread_name_prefix="quality-run")
         self._futures: dict[tuple[str, ...], Any] = {}
 
     def close(self) -> None:
+        self._waiting.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(cancel_futures=True)
+
+    def _after(self, attacked: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, attacked.result(), *args).result()
 
     def _submit(self, key: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
         if key not in self._futures:
@@ -253,17 +264,20 @@ class Runs:
         its future."""
         if case in ATTACK_CASES:
             return self._submit((case, str(seed)), _attack_run, case, seed)
-        folder = self._badnets(seed, target).result()
         key = (case, str(seed)) if target == 0 else (case, str(seed), str(target))
-        return self._submit(key, _defense_run, folder, case, seed)
+        if key not in self._futures:
+            attacked = self._badnets(seed, target)
+            self._futures[key] = self._waiting.submit(self._after, attacked, _defense_run, case, seed)
+        return self._futures[key]
 
-    def prefetch(self, runs: Sequence[tuple[str, int]]) -> None:
-        """Submit runs that the coming tests need, so that both cores stay busy (the attacked models
-        of seeds 0 and 1 first: every module needs them)."""
-        for seed in sorted({0, 1, *(seed for case, seed in runs if case not in ATTACK_CASES)}):
+    def prefetch(self, runs: Sequence[tuple[Any, ...]]) -> None:
+        """Submit runs that the coming tests need, (case, seed) or (case, seed, target), so that both
+        cores stay busy: the attacked models of seeds 0 and 1 first (every module needs them), then
+        the attack cases, then the defense runs (each starts once its attacked model is trained)."""
+        for seed in sorted({0, 1, *(run[1] for run in runs if run[0] not in ATTACK_CASES)}):
             self._badnets(seed)
-        for case, seed in runs:
-            self.submit(case, seed)
+        for run in sorted(runs, key=lambda run: run[0] not in ATTACK_CASES):
+            self.submit(*run)
 
     def run(self, case: str, seed: int = 0, target: int = 0) -> dict[str, Any]:
         """The run's result: {"metrics"} (attacks), with "spec", "state" (the defended weights) and

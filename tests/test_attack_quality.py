@@ -14,11 +14,8 @@ pytestmark = pytest.mark.quality
 # four, trojannn 0.864-0.944: one seed runs, with the bound under the lowest.
 MIN_ASR = {"blended": 0.8, "trojannn": 0.8}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _runs(quality_runs):
-    quality_runs.prefetch([("trojannn", 0), ("blended", 0), ("wanet_s4_no_noise", 0)])
-    return quality_runs
+# started at the session's start (tests/conftest.py), trained while the other tests run
+QUALITY_RUNS = [("trojannn", 0), ("blended", 0), ("wanet_s4_no_noise", 0)]
 
 
 def test_clean_model_accuracy(digits_badnets):

@@ -9,6 +9,9 @@ import torch.nn as nn
 from trials.defenses import DefenseContext, DefenseData, make_defense
 from trials.defenses.fp import choose_pruning
 
+# started at the session's start (tests/conftest.py), trained while the other tests run
+QUALITY_RUNS = [("fp_prune_only", 0)]
+
 # per-channel mean activations; channel 4 (mean 0.5) alone carries the label
 MEANS = [0.6, 0.2, 0.8, 0.1, 0.5, 0.3, 0.9, 0.7]
 ASCENDING = [3, 1, 5, 4, 0, 7, 2, 6]

@@ -10,6 +10,9 @@ import quality as q
 from trials.defenses import make_defense
 from trials.defenses.finetuning import FinetuneParams
 
+# started at the session's start (tests/conftest.py), trained while the other tests run
+QUALITY_RUNS = [("ft_lr5x", 0), ("ft_lr5x", 1)]  # a majority's first two seeds
+
 
 def test_ft_defaults_are_the_dhbe_protocol():
     ft = make_defense("ft", {}).params

@@ -119,9 +119,11 @@ def test_gdm_detects_the_toy_target_and_retrains():
     assert len(f["generators"]) == 1 and f["generators"][0]["beta"] == 0.9
 
 
+QUALITY_RUNS = [("gdm_short", 0), ("gdm_nothing_stamped", 0)]  # started at the session's start (conftest)
+
+
 @pytest.fixture(scope="module")
 def runs(quality_runs):
-    quality_runs.prefetch([("gdm_short", 0), ("gdm_nothing_stamped", 0)])
     return quality_runs
 
 

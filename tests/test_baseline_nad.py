@@ -13,6 +13,9 @@ from trials.defenses import make_defense
 from trials.defenses.nad import attention_loss, attention_map
 from trials.errors import InvalidValue
 
+# started at the session's start (tests/conftest.py), trained while the other tests run
+QUALITY_RUNS = [("nad_short", 0), ("nad_plain", 0)]
+
 
 def _student_teacher():
     s = torch.zeros(1, 2, 2, 2)
@@ -63,7 +66,6 @@ def test_attention_distillation_erases_badnets_where_plain_fine_tuning_does_not(
     # teacher 2 epochs, student 3 epochs at lr 0.01:
     # betas default ACC 0.972, ASR 0.117 (seed 1: 0.950 / 0.006); betas 0 ACC 0.967, ASR 1.000.
     # Seeds 0 / 1, native and default: ASR 0.000-0.043 (drop <= 0.044), plain 0.97-1.00: one seed runs
-    quality_runs.prefetch([("nad_short", 0), ("nad_plain", 0)])
     m = quality_runs.metrics("nad_short")
     assert q.erases("nad_short")(m), m
     assert set(m["findings"]["at_loss_last_batch"]) == {"layer1", "layer2", "layer3", "layer4"}

@@ -21,6 +21,9 @@ from trials.defenses.nc import (
     reverse_engineer,
 )
 
+# started at the session's start (tests/conftest.py), trained while the other tests run
+QUALITY_RUNS = [("nc_unlearn", seed, target) for target, seed in q.TARGETS]
+
 TARGET, ROW, COL, K = 2, 5, 9, 3  # the toy's backdoor: a bright 3x3 patch at (5, 9) forces class 2
 
 

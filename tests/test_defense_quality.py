@@ -15,13 +15,11 @@ import quality as q
 pytestmark = pytest.mark.quality
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _runs(quality_runs):
-    quality_runs.prefetch(
-        [("bcu", 0), ("bcu", 1), ("pbe", 0), ("pbe", 1), ("bcu_code_lr", 0), ("aft", 0), ("aft", 1)]
-        + [("clp_u3", 0), ("identity", 0)]
-    )
-    return quality_runs
+# started at the session's start (tests/conftest.py): a majority's first two seeds, and the single runs
+QUALITY_RUNS = [("bcu", 0), ("bcu", 1), ("pbe", 0), ("pbe", 1), ("bcu_code_lr", 0), ("aft", 0), ("aft", 1)] + [
+    ("clp_u3", 0),
+    ("identity", 0),
+]
 
 
 def test_every_erasure_claim_fails_without_a_defense(quality_runs):

@@ -232,10 +232,31 @@ def test_summary_table_shows_the_objectives_metrics():
     assert "| 0.970/1.000 | 0.950/0.400 | 3/0 | 1: #2: 0.930/0.000 |" in default[2]
     assert default[-2].startswith("acc (max): #{f(x) = y} / N") and default[-1].startswith("asr (min)")
 
+    assert not any(line.startswith("collapsed") for line in default)
+
     der = summary_table(_summary({"der": "max", "acc": "max"})).splitlines()
     assert "before DER/ACC" in der[0] and "report DER/ACC" in der[0]
     assert "| n/a/0.970 | 0.790/0.950 | 3/0 | 1: #2: 0.980/0.930 |" in der[2]
     assert der[-2].startswith("der (max): [max(0, asr_before - asr_after)")
+
+
+def test_summary_table_says_when_a_defense_collapsed_the_model():
+    """A collapsed trial (ACC at chance) is marked, not shown as an erasure; a cell whose every trial
+    collapsed has no front: the method does not work there (DHBE on digits)."""
+    from bdlab.report import summary_table
+
+    summary = _summary({"acc": "max", "asr": "min"})
+    cell = summary["cells"][0]
+    cell["points"][1]["collapsed"] = True  # trial 1: ACC 0.5 is not chance; the flag is summarize's
+    assert "#2: 0.930/0.000 |" in summary_table(summary).splitlines()[2]
+    cell["front"] = [cell["points"][1]]
+    lines = summary_table(summary).splitlines()
+    assert "| 1: #1: 0.500/0.000 collapsed |" in lines[2]
+    assert lines[4].startswith("collapsed: report ACC within 5 points of chance")
+    for p in cell["points"] + [cell["default"]]:
+        p["collapsed"] = True
+    lines = summary_table(summary).splitlines()
+    assert "| 0.950/0.400 collapsed | 3/0 | none: all 3 trials collapsed, the method does not work on this problem |" in lines[2]
 
 
 def test_pareto_plot_axes_follow_the_objectives():

@@ -51,3 +51,32 @@ def test_two_runs_of_one_defense_spec_give_identical_models_and_metrics(tiny_att
     assert _without_time(first.metrics) == _without_time(second.metrics)
     other = run_defense(DefenseSpec(defense="bcu", preset="smoke", seed=2, device="cpu"), tiny_attacked)
     assert not _same_weights(first.model, other.model)
+
+
+def test_the_backdoored_models_evaluation_is_made_once_per_loaded_folder(tmp_path, monkeypatch):
+    """Every trial on one attacked model shares its "before" metrics: the second trial in a process
+    (a sweep's worker keeps the folder) evaluates only the defended model, and gets the same numbers
+    as a fresh load of the folder, which evaluates both."""
+    import trials.run.defense as defense_module
+    from trials.run import load_attacked, save_attack_result
+
+    spec = AttackSpec(
+        attack_params={"ratio": 0.2}, dataset_params={"train_subset": 60, "test_subset": 40}, epochs=1, device="cpu"
+    )
+    folder = save_attack_result(run_attack(spec), tmp_path / "attacked")
+    calls = []
+    evaluate_halves = defense_module.evaluate_halves
+    monkeypatch.setattr(
+        defense_module, "evaluate_halves", lambda model, *sets: calls.append(model) or evaluate_halves(model, *sets)
+    )
+    attacked = load_attacked(folder, "cpu")
+    identity = DefenseSpec(defense="identity", device="cpu")
+    first = run_defense(identity, attacked)
+    assert len(calls) == 2 and calls[0] is attacked.model  # before, then after
+    first.metrics["before"]["acc"] = -1.0  # a trial's copy: changing it changes no other trial's
+    second = run_defense(identity, attacked)
+    assert len(calls) == 3 and calls[2] is not attacked.model  # after only
+    fresh = run_defense(identity, load_attacked(folder, "cpu"))
+    assert len(calls) == 5
+    assert _without_time(second.metrics) == _without_time(fresh.metrics)
+    assert second.metrics["before"]["acc"] >= 0

@@ -289,7 +289,7 @@ def test_study_cell_runs_its_design_points_records_them_and_resumes(
     assert len(defense_runs(store, "tiny-study")) == 8
 
 
-def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path, plugin_registry):
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path, plugin_registry, capsys):
     from bdlab.sweep import run_sweep
     from bdlab.tracking import Store
 
@@ -303,11 +303,13 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
             {
                 "name": "faulty",
                 "trials": 3,
-                "fixed": {"fail_once": str(tmp_path / "failed-once")},
+                # scale 0: the completed trial's classifier answers its bias alone (a collapsed model)
+                "fixed": {"fail_once": str(tmp_path / "failed-once"), "scale": 0.0},
                 "space": {"mode": {"choice": ["raise", "nan"]}},
             },
         ],
     )
+    spec["attack_training"] = {"epochs": 15}  # above chance (1 epoch is not), so a collapse shows
     results = tmp_path / "results"
     summary = run_sweep(write_spec(tmp_path, spec), results=results, address=ray_cluster)
     store = Store.open(results)
@@ -331,6 +333,11 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path
     cells = {c["cell"].split(" :: ")[1]: c for c in summary["cells"]}
     assert (cells["clp"]["complete"], cells["clp"]["failed"]) == (2, 0)
     assert (cells["faulty"]["complete"], cells["faulty"]["failed"]) == (1, 2)
+    # the summary says the faulty defense collapsed the model instead of showing it as an erasure
+    assert cells["faulty"]["default"]["collapsed"] and cells["faulty"]["default"]["report"]["acc"] <= 0.15
+    assert not any(p["collapsed"] for p in cells["clp"]["points"])
+    printed = capsys.readouterr().out
+    assert "| 1/2 | none: all 1 trials collapsed, the method does not work on this problem |" in printed
 
     import pyarrow.parquet as pq
 
@@ -477,3 +484,34 @@ def test_busy_fraction_is_trial_seconds_times_cpus_over_wall_times_cluster_cpus(
     assert progress.busy_fraction(1, 2) == 0.9
     assert progress.busy_fraction(2, 4) == 0.9
     assert progress.busy_fraction(1, 4) == 0.45
+
+
+def test_trials_that_fit_on_no_node_stop_the_sweep_with_one_line(ray_cluster, tmp_path, plugin_registry):
+    """The module's Ray has 2 CPUs and one GPU: a 4-GPU attack trial could never start. On the Ray
+    the sweep uses in this process (no address: no autoscaler to wait for) that is an error naming
+    the field before anything is trained; on a joined cluster, a line saying what it waits for."""
+    from bdlab.spec import TrialResources
+    from bdlab.sweep import check_fits, run_sweep
+    from bdlab.tracking import Store
+
+    from trials.errors import InvalidValue
+
+    spec = tiny_spec("unfit", attacks=[{"name": "badnets", "params": {"ratio": 0.2}}])
+    spec["resources"]["attack"] = {"cpu": 1, "gpu": 4}
+    results = tmp_path / "results"
+    with pytest.raises(InvalidValue) as err:
+        run_sweep(write_spec(tmp_path, spec), results=results, address=None, out=lambda _: None)
+    assert str(err.value) == (
+        "resources.attack: 'cpu 1, gpu 4' is not allowed; at most what one node of this Ray has "
+        "(2 CPUs and 1 GPUs): no trial could start"
+    )
+    assert attack_runs(Store.open(results)) == []
+
+    lines: list[str] = []
+    check_fits(TrialResources(cpu=3), "defense", True, lines.append)
+    check_fits(TrialResources(cpu=1, gpu=0.5), "defense", True, lines.append)  # fits: silent
+    assert lines == [
+        "[defense] waiting for a node with cpu 3, gpu 0: none of the 1 nodes has it now (largest: 2 CPUs "
+        "and 1 GPUs); the autoscaler adds one if the cluster has such a node type, else stop and lower "
+        "resources.defense"
+    ]

@@ -143,6 +143,8 @@ def summarize(store: Store, sweep: SweepRef, cells: list[CellRef]) -> dict[str, 
     import optuna
     from optuna.trial import TrialState
 
+    from bdlab.analysis import collapsed
+    from bdlab.reporting import KNOWN_CLASSES
     from bdlab.studies import DEFAULT_ATTR, PARAMS_ATTR
     from trials.metrics import defense_metric_keys, metric_keys
 
@@ -160,9 +162,15 @@ def summarize(store: Store, sweep: SweepRef, cells: list[CellRef]) -> dict[str, 
     for cell in cells:
         study = optuna.load_study(study_name=cell.study, storage=store.optuna_url)
         trials = study.get_trials(deepcopy=False)
-        before = tracker.get_run(cell.attacked_run_id).metrics
+        attacked = tracker.get_run(cell.attacked_run_id)
+        before = attacked.metrics
+        # attacked models trained before the tag existed: the classes of the datasets known by name
+        tags = attacked.tags
+        classes = int(tags.get(schema.NUM_CLASSES) or KNOWN_CLASSES.get(tags.get(schema.DATASET, ""), 0))
+        if classes and collapsed(before.get("acc", 0.0), classes):
+            classes = 0  # the backdoored model itself is at chance: no defense collapsed it
 
-        def point(t: Any, study_name: str = cell.study) -> dict[str, Any]:
+        def point(t: Any, study_name: str = cell.study, classes: int = classes) -> dict[str, Any]:
             r = children.get((study_name, str(t.number)))
             m = r.metrics if r is not None else {}
             return {
@@ -171,6 +179,8 @@ def summarize(store: Store, sweep: SweepRef, cells: list[CellRef]) -> dict[str, 
                 "report": {k: m.get(k) for k in keys},
                 "params": json.loads(t.user_attrs.get(PARAMS_ATTR, "{}")),
                 "mlflow_run_id": r.run_id if r is not None else None,
+                # ACC at chance: the model predicts one class, and its low ASR means nothing
+                "collapsed": bool(classes) and m.get("acc") is not None and collapsed(m["acc"], classes),
             }
 
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -220,14 +230,24 @@ def summary_table(summary: dict[str, Any]) -> str:
     names = "/".join(m.upper() if len(m) <= 4 else m for m in shown)
     head = f"| cell | before {names} | default {names} | trials ok/failed | Pareto front (trial: report {names}) |"
     lines = [head, "|---|---|---|---|---|"]
+    collapses = False
     for c in summary["cells"]:
-        front = ", ".join(f"#{p['trial']}: {_values(p['report'], shown)}" for p in c["front"]) or "-"
-        default = _values(c["default"]["report"], shown) if c["default"] else "-"
+        mark = lambda p: " collapsed" if p.get("collapsed") else ""  # noqa: E731
+        front = ", ".join(f"#{p['trial']}: {_values(p['report'], shown)}{mark(p)}" for p in c["front"]) or "-"
+        front = f"{len(c['front'])}: {front}"
+        if c["complete"] and all(p.get("collapsed") for p in c.get("points", [])):
+            front = f"none: all {c['complete']} trials collapsed, the method does not work on this problem"
+        default = _values(c["default"]["report"], shown) + mark(c["default"]) if c["default"] else "-"
+        collapses = collapses or any(p.get("collapsed") for p in c.get("points", []))
         lines.append(
-            f"| {c['cell']} | {_values(c['before'], shown)} | {default} | {c['complete']}/{c['failed']} | "
-            f"{len(c['front'])}: {front} |"
+            f"| {c['cell']} | {_values(c['before'], shown)} | {default} | {c['complete']}/{c['failed']} | {front} |"
         )
     lines.append("")
+    if collapses:
+        lines.append(
+            "collapsed: report ACC within 5 points of chance (1 / classes): the model predicts one class, "
+            "so its ASR says nothing about the backdoor"
+        )
     descriptions = metric_descriptions()
     directions = summary.get("objectives") or DEFAULT_OBJECTIVES
     for m in shown:

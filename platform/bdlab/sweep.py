@@ -28,7 +28,7 @@ from bdlab.claims import driver_lease
 from bdlab.spec import DefenseCell, SweepSpec, TrialResources, load_sweep
 from bdlab.tracking import Store, Tracker, schema
 from bdlab.trial_config import AttackTrialConfig, DefenseTrialConfig, as_tune
-from trials.errors import BdlabError
+from trials.errors import BdlabError, InvalidValue
 
 Out = Callable[[str], None]
 
@@ -50,6 +50,7 @@ class SweepRun:
     # the store as Ray workers reach it (a loopback server named by this node's address on a cluster)
     worker_store: Store | None = None
     cpus: float = 0.0  # the most CPUs its Ray cluster was seen with (bdlab.sweep._cluster_cpus)
+    joined: bool = False  # the sweep joined a running cluster (which may autoscale) rather than start one
 
 
 def parent_run(
@@ -95,6 +96,29 @@ def concurrency(res: TrialResources) -> int:
     return max(1, slots)
 
 
+def check_fits(res: TrialResources, phase: str, joined: bool, out: Out) -> None:
+    """A trial must fit on one node. On the local Ray this sweep started, one that fits nowhere is
+    an error (it would wait forever); on a joined cluster the autoscaler may still add such a node,
+    so the sweep says what it waits for instead of waiting silently (Tune's warning is muted)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= res.cpu and n.get("GPU", 0) >= res.gpu for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    have = f"{largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs"
+    asked = f"cpu {res.cpu:g}, gpu {res.gpu:g}"
+    if not joined:
+        raise InvalidValue(
+            f"resources.{phase}", asked, f"at most what one node of this Ray has ({have}): no trial could start"
+        )
+    out(
+        f"[{phase}] waiting for a node with {asked}: none of the {len(nodes)} nodes has it now (largest: "
+        f"{have}); the autoscaler adds one if the cluster has such a node type, else stop and lower "
+        f"resources.{phase}"
+    )
+
+
 def start_ray(address: str | None, run: SweepRun) -> Store:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local one; returns the store as the
     workers reach it (also `run.worker_store`), whose URI and login they get in their environment.
@@ -109,6 +133,7 @@ def start_ray(address: str | None, run: SweepRun) -> Store:
     if run.worker_store is not None:
         return run.worker_store
     address = address or os.environ.get("RAY_ADDRESS")
+    run.joined = bool(address)
     store = run.store
     if address and store.is_loopback:
         outside = store.at_host(ray.util.get_node_ip_address())
@@ -274,6 +299,7 @@ def attack_phase(run: SweepRun, address: str | None, out: Out) -> float:
 
     workers = start_ray(address, run)
     res = spec.resources.attack
+    check_fits(res, "attack", run.joined, out)
     configs = [
         as_tune(AttackTrialConfig(cell, cell.key, workers, spec.name, spec.device, res, list(spec.plugins)))
         for cell in todo
@@ -411,6 +437,7 @@ def defense_phase(run: SweepRun, address: str | None, out: Out) -> float:
     from bdlab.worker import defense_trial
 
     start_ray(address, run)
+    check_fits(res, "defense", run.joined, out)
     progress = PhaseProgress(
         "defense",
         total,

@@ -147,7 +147,12 @@ def attack_trial(plain: dict[str, Any]) -> None:
             result = run_attack(cell.attack_spec(config.device), progress=progress)
             with tempfile.TemporaryDirectory() as tmp:
                 log_attacked(tracker, run_id, save_attack_result(result, Path(tmp) / "attacked"))
-        tracker.finish_run(run_id, "FINISHED", metrics=flat_trial_metrics(result.metrics))
+        tracker.finish_run(
+            run_id,
+            "FINISHED",
+            metrics=flat_trial_metrics(result.metrics),
+            tags={schema.NUM_CLASSES: str(result.data.num_classes)},
+        )
     except BaseException as err:
         tracker.finish_run(run_id, "FAILED", tags={schema.FAILURE: failure_reason(err)})
         raise

@@ -28,7 +28,14 @@ from trials.device import (
     use_amp,
 )
 from trials.errors import InvalidValue
-from trials.metrics import build_eval_set, compare_halves, evaluate, evaluate_halves, with_backdoored
+from trials.metrics import (
+    EvalSet,
+    build_eval_set,
+    compare_halves,
+    evaluate,
+    evaluate_halves,
+    with_backdoored,
+)
 from trials.params import as_dict
 from trials.run.folder import AttackedModel
 from trials.training import Progress
@@ -108,6 +115,22 @@ def training_amp(defense: Defense, device: torch.device, amp: bool | None) -> bo
     return use_amp(device, amp, default=defense.precision == "amp")
 
 
+def evaluation_baseline(attacked: AttackedModel) -> tuple[EvalSet, EvalSet, dict[str, Any]]:
+    """The report and validation halves, each carrying the backdoored model's clean predictions
+    (asr_paper conditions on them), and the backdoored model's metrics on them ("before"). They are
+    the same for every trial on this model, so they are computed once per loaded folder: a sweep's
+    worker keeps the folder between trials (on CIFAR-10 on a CPU, this evaluation is a minute)."""
+    if attacked.evaluation is None:
+        held = attacked.data
+        val_set = with_backdoored(build_eval_set(held.val_x, held.val_y, attacked.attack), attacked.model)
+        report_set = with_backdoored(
+            build_eval_set(held.report_x, held.report_y, attacked.attack), attacked.model
+        )
+        attacked.evaluation = (report_set, val_set, evaluate_halves(attacked.model, report_set, val_set))
+    report_set, val_set, before = attacked.evaluation
+    return report_set, val_set, copy.deepcopy(before)
+
+
 def run_defense(
     spec: DefenseSpec,
     attacked: AttackedModel,
@@ -124,13 +147,7 @@ def run_defense(
     trial_seed = derive_seed(spec.seed, "defense", spec.defense)
     seed_everything(trial_seed)
     data = defense_data(defense, attacked, spec.seed, spec.data_seed)
-    # both halves carry the backdoored model's clean predictions: asr_paper conditions on them
-    held = attacked.data
-    val_set = with_backdoored(build_eval_set(held.val_x, held.val_y, attacked.attack), attacked.model)
-    report_set = with_backdoored(
-        build_eval_set(held.report_x, held.report_y, attacked.attack), attacked.model
-    )
-    before = evaluate_halves(attacked.model, report_set, val_set)
+    report_set, val_set, before = evaluation_baseline(attacked)
 
     monitor = ValidationMonitor(val_set)
     ctx = DefenseContext(

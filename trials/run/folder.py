@@ -16,7 +16,7 @@ safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,8 @@ class AttackedModel:
     metrics: dict[str, Any]
     # the folder's own (backdoored) model where `weights` replaced `model`; None when `model` is it
     backdoored: nn.Module | None = None
+    # the test halves and the model's metrics on them, once per loaded folder (trials.run.defense)
+    evaluation: Any = field(default=None, repr=False, compare=False)
 
     def poisoned_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The attacker's poisoned training set (images, labels as poisoned), rebuilt from the

@@ -82,6 +82,7 @@ DEFENSE = "bdlab.defense"
 CELL = "bdlab.cell"  # the cell's human label
 CACHE_KEY = "bdlab.cache_key"  # the attacked model's content address
 CODE_VERSION = "bdlab.code_version"  # hash of the code that trained an attacked model
+NUM_CLASSES = "bdlab.num_classes"  # an attacked model's classes (a collapsed defense sits at chance)
 
 # a defense trial
 STUDY = "bdlab.study"  # its Optuna study
