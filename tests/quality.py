@@ -233,12 +233,15 @@ class Runs:
         self._waiting.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(cancel_futures=True)
 
-    def _after(self, attacked: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, attacked.result(), *args).result()
-
-    def _submit(self, key: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
+    def _submit(self, key: tuple[str, ...], fn: Callable[..., Any], *args: Any, after: Any = None) -> Any:
+        """The run's future, submitted once; with `after` (an attacked model's future), `fn` gets its
+        folder as first argument and goes to the pool when it is trained."""
         if key not in self._futures:
-            self._futures[key] = self.pool.submit(fn, *args)
+            if after is None:
+                self._futures[key] = self.pool.submit(fn, *args)
+            else:
+                run_after = lambda: self.pool.submit(fn, after.result(), *args).result()  # noqa: E731
+                self._futures[key] = self._waiting.submit(run_after)
         return self._futures[key]
 
     def _badnets(self, seed: int, target: int = 0) -> Any:
@@ -265,10 +268,7 @@ class Runs:
         if case in ATTACK_CASES:
             return self._submit((case, str(seed)), _attack_run, case, seed)
         key = (case, str(seed)) if target == 0 else (case, str(seed), str(target))
-        if key not in self._futures:
-            attacked = self._badnets(seed, target)
-            self._futures[key] = self._waiting.submit(self._after, attacked, _defense_run, case, seed)
-        return self._futures[key]
+        return self._submit(key, _defense_run, case, seed, after=self._badnets(seed, target))
 
     def prefetch(self, runs: Sequence[tuple[Any, ...]]) -> None:
         """Submit runs that the coming tests need, (case, seed) or (case, seed, target), so that both

@@ -16,10 +16,8 @@ pytestmark = pytest.mark.quality
 
 
 # started at the session's start (tests/conftest.py): a majority's first two seeds, and the single runs
-QUALITY_RUNS = [("bcu", 0), ("bcu", 1), ("pbe", 0), ("pbe", 1), ("bcu_code_lr", 0), ("aft", 0), ("aft", 1)] + [
-    ("clp_u3", 0),
-    ("identity", 0),
-]
+QUALITY_RUNS = [("bcu", 0), ("bcu", 1), ("pbe", 0), ("pbe", 1), ("aft", 0), ("aft", 1)]
+QUALITY_RUNS += [("bcu_code_lr", 0), ("clp_u3", 0), ("identity", 0)]
 
 
 def test_every_erasure_claim_fails_without_a_defense(quality_runs):

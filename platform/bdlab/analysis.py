@@ -141,7 +141,12 @@ def row_der(row: Row) -> float | None:
 # --- collapse and success --------------------------------------------------------------------------
 
 
-def collapsed(acc: float | Sequence[float] | np.ndarray, num_classes: int, margin: float = 0.05) -> Any:
+COLLAPSE_MARGIN = 0.05  # how far above chance (absolute) an accuracy still counts as collapsed
+
+
+def collapsed(
+    acc: float | Sequence[float] | np.ndarray, num_classes: int, margin: float = COLLAPSE_MARGIN
+) -> Any:
     """Whether a model's clean accuracy is near chance: `acc <= 1 / num_classes + margin`.
 
     A collapsed model predicts (nearly) one class for everything; its low ASR means nothing (it also

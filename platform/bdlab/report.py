@@ -230,9 +230,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     names = "/".join(m.upper() if len(m) <= 4 else m for m in shown)
     head = f"| cell | before {names} | default {names} | trials ok/failed | Pareto front (trial: report {names}) |"
     lines = [head, "|---|---|---|---|---|"]
+    from bdlab.analysis import COLLAPSE_MARGIN
+
+    def mark(point: dict[str, Any]) -> str:
+        return " collapsed" if point.get("collapsed") else ""
+
     collapses = False
     for c in summary["cells"]:
-        mark = lambda p: " collapsed" if p.get("collapsed") else ""  # noqa: E731
         front = ", ".join(f"#{p['trial']}: {_values(p['report'], shown)}{mark(p)}" for p in c["front"]) or "-"
         front = f"{len(c['front'])}: {front}"
         if c["complete"] and all(p.get("collapsed") for p in c.get("points", [])):
@@ -245,8 +249,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines.append("")
     if collapses:
         lines.append(
-            "collapsed: report ACC within 5 points of chance (1 / classes): the model predicts one class, "
-            "so its ASR says nothing about the backdoor"
+            f"collapsed: report ACC within {100 * COLLAPSE_MARGIN:g} points of chance (1 / classes): the model "
+            "predicts one class, so its ASR says nothing about the backdoor"
         )
     descriptions = metric_descriptions()
     directions = summary.get("objectives") or DEFAULT_OBJECTIVES
