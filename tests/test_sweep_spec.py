@@ -79,6 +79,13 @@ def write(tmp_path: Path, data: dict) -> Path:
             {"ft": 80, "fp": 80, "nad": 80, "clp": 12, "bcu": 24},
             552,
         ),
+        # the default configuration x 3 defense seeds on 3 attack seeds; CLP (deterministic) 1 seed
+        (
+            "digits_seeds.yaml",
+            "digits-seeds",
+            {"bcu": 3, "clp": 1, "aft": 3, "pbe": 3, "nc": 3, "ibau": 3},
+            48,
+        ),
     ],
 )
 def test_shipped_studies_load_with_the_sizes_their_readme_gives(name, sweep, trials_per_cell, total):
