@@ -2,47 +2,36 @@
 their figures, so a change to the platform cannot leave them broken unnoticed (sweep_overhead.py
 once passed a Store where a Tracker was needed, and nothing ran it). gpu_check.py has its own test.
 
-Each script runs in a subprocess (importing one would register its datasets in this process, and the
-contract tests loop over every registered dataset); the three start together and each test waits
-for its own, so the module costs about the slowest of them.
+Each script runs in a subprocess in its own folder (tests/benchmark_scripts.py says why); the three
+start together and each test waits for its own, so the module costs about the slowest of them.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from benchmark_scripts import BENCHMARKS, one_thread_env, positive
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TIMEOUT_S = 600
-
-
-def positive(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
     tmp = tmp_path_factory.mktemp("benchmarks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     commands = {
         "data_path": [
             "--steps", "1", "--warmup", "0", "--models", "mini_resnet", "--workers", "0",
-            "--data-batches", "2", "--repeats", "1", "--rounds", "1", "--json", str(tmp / "data_path.json"),
+            "--data-batches", "2", "--repeats", "1", "--rounds", "1", "--json", "data_path.json",
         ],
         "tracking": [
             "--writers", "1", "--trials", "1", "--steps", "1", "--stores", "sqlite",
-            "--json", str(tmp / "tracking.json"),
+            "--json", "tracking.json",
         ],
         "sweep_overhead": ["--trials", "1"],
     }  # fmt: skip
@@ -53,12 +42,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[s
         proc = subprocess.Popen(
             [sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
             cwd=cwd,
-            env=env,
+            env=one_thread_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        procs[name] = (proc, tmp)
+        procs[name] = (proc, cwd)
     yield procs
     for proc, _ in procs.values():
         if proc.poll() is None:
@@ -67,15 +56,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[s
 
 
 def finish(runs: dict[str, tuple[subprocess.Popen, Path]], name: str) -> tuple[str, Path]:
-    proc, tmp = runs[name]
+    """The run's stdout and its folder (where its JSON is), once it has exited cleanly."""
+    proc, cwd = runs[name]
     stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, stderr[-3000:]
-    return stdout, tmp
+    return stdout, cwd
 
 
 def test_data_path_measures_both_pipelines(runs) -> None:
-    stdout, tmp = finish(runs, "data_path")
-    result = json.loads((tmp / "data_path.json").read_text())
+    stdout, cwd = finish(runs, "data_path")
+    result = json.loads((cwd / "data_path.json").read_text())
     assert {"environment", "data_path", "training", "summary"} <= set(result)
     assert positive(result["seconds"])
     assert result["data_path"] and result["training"], result
@@ -83,8 +73,8 @@ def test_data_path_measures_both_pipelines(runs) -> None:
 
 
 def test_tracking_records_trials_without_errors(runs) -> None:
-    stdout, tmp = finish(runs, "tracking")
-    (row,) = json.loads((tmp / "tracking.json").read_text())
+    stdout, cwd = finish(runs, "tracking")
+    (row,) = json.loads((cwd / "tracking.json").read_text())
     assert row["store"] == "sqlite" and row["writers"] == 1 and row["trials"] == 1
     assert row["errors"] == 0, row["first_error"]
     assert positive(row["trials_per_s"]) and positive(row["median_s"])

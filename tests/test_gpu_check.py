@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from benchmark_scripts import BENCHMARKS, one_thread_env, positive
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = BENCHMARKS / "gpu_check.py"
 NO_CUDA = (
     "gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
     "--smoke runs every part on the CPU with tiny sizes"
@@ -26,16 +26,13 @@ NO_CUDA = (
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    # one thread: small models on a 2-core machine beside other processes (tests/conftest.py)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def positive(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        [sys.executable, str(SCRIPT), *args],
+        cwd=cwd,
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
