@@ -95,6 +95,41 @@ def test_imagefolder_reads_a_tree_and_caches(tmp_path, monkeypatch):
     assert resized.image_shape == (3, 16, 16)
 
 
+def test_imagefolder_cache_survives_two_first_loads_at_once(tmp_path, monkeypatch):
+    """Two loaders that decode the same uncached folder together (two attack trials of a sweep on
+    one node) both finish, and leave one cache file: each writes its own temporary file. The writes
+    are held at a barrier, so both are written before either is renamed (the case that failed)."""
+    import threading
+
+    monkeypatch.setenv("BDLAB_CACHE", str(tmp_path / "cache"))
+    _write_tree(tmp_path / "data")
+    both_written = threading.Barrier(2, timeout=30)
+    savez = np.savez
+
+    def savez_then_wait(*args, **kwargs):
+        savez(*args, **kwargs)
+        both_written.wait()
+
+    monkeypatch.setattr(np, "savez", savez_then_wait)
+    loaded, failed = [], []
+
+    def load():
+        try:
+            loaded.append(load_dataset("imagefolder", root=str(tmp_path / "data")))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            failed.append(err)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failed == [] and len(loaded) == 2
+    assert torch.equal(loaded[0].train_x, loaded[1].train_x)
+    left = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(left) == 1 and left[0].endswith(".npz") and not left[0].startswith("."), left
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "gtsrb", "imagefolder"])
 def test_missing_root_is_a_clear_error(name, tmp_path):
     with pytest.raises(InvalidValue, match="--data-root") as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,23 @@ class ImageFolder(Dataset):
             class_names=list(classes),
         )
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, train_x=raw.train_x, train_y=raw.train_y, test_x=raw.test_x, test_y=raw.test_y)
-            os.replace(tmp, cache)
+            _write_cache(cache, raw)
         return raw
+
+
+def _write_cache(cache: Path, raw: RawImages) -> None:
+    """Write the decoded arrays atomically. The temporary file is this writer's own: two processes
+    that decode the same folder at once (two attack trials of a sweep on one node) would otherwise
+    write one temporary name, and the second rename would find it gone."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{cache.stem}.", suffix=".npz", dir=cache.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train_x=raw.train_x, train_y=raw.train_y, test_x=raw.test_x, test_y=raw.test_y)
+        os.replace(name, cache)  # the last writer wins; the arrays are the same
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def _scan(folder: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]], list[str]]:
