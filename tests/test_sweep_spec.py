@@ -86,6 +86,13 @@ def write(tmp_path: Path, data: dict) -> Path:
             {"bcu": 3, "clp": 1, "aft": 3, "pbe": 3, "nc": 3, "ibau": 3},
             48,
         ),
+        # the slower baselines, the same design: 6 defenses x 3 defense seeds x 3 attack seeds
+        (
+            "digits_seeds_baselines.yaml",
+            "digits-seeds-baselines",
+            {"ft": 3, "fp": 3, "nad": 3, "gdm": 3, "anp": 3, "mcr": 3},
+            54,
+        ),
     ],
 )
 def test_shipped_studies_load_with_the_sizes_their_readme_gives(name, sweep, trials_per_cell, total):
